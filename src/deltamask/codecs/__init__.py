@@ -1,0 +1,37 @@
+"""Codecs: every byte that crosses the network is produced here.
+
+Import this package to populate the registry; look codecs up with :func:`get_codec`.
+"""
+
+from . import dense, exact  # noqa: F401  (registration side effects)
+from .base import (
+    ArrayCodec,
+    Codec,
+    IndexCodec,
+    MaskCodec,
+    ProbsCodec,
+    available_codecs,
+    check_indices,
+    codec_for_id,
+    codec_of,
+    get_codec,
+    log2_binomial,
+    register,
+)
+from .container import CodecError
+
+__all__ = [
+    "ArrayCodec",
+    "Codec",
+    "CodecError",
+    "IndexCodec",
+    "MaskCodec",
+    "ProbsCodec",
+    "available_codecs",
+    "check_indices",
+    "codec_for_id",
+    "codec_of",
+    "get_codec",
+    "log2_binomial",
+    "register",
+]

@@ -1,0 +1,203 @@
+"""One contract for every codec, and the registry that finds them by name.
+
+A codec turns one kind of object into ``bytes`` (always a :mod:`~deltamask.codecs.container`
+container) and back. Four kinds exist, each with its own encode/decode signature:
+
+``indices``  a sorted set of distinct integers in ``[0, n)`` (DeltaMask's changed mask bits).
+             ``encode(indices, n, seed=0) -> bytes``; ``decode(data) -> np.ndarray[int64]`` (sorted
+             members; for a filter, every index of ``[0, n)`` it answers "member" for).
+``mask``     a dense boolean mask of length ``n`` (FedPM). ``encode(mask, probs=None)``;
+             ``decode(data, probs=None)``; ``probs`` is the shared probability model when the codec
+             entropy-codes under one (both sides must pass the same array).
+``array``    a float tensor of any shape (heads, dense updates). ``encode(array)``; ``decode(data)``.
+``probs``    the global keep-probabilities going down (downlink). ``encode(theta, counts=None,
+             total=None)``; ``decode(data) -> float32[n]``.
+
+Codecs are looked up by name (:func:`get_codec`) or by the id in a payload's header
+(:func:`codec_for_id`); an unknown name raises an error listing the valid ones, never a silent
+fallback (the CompressAI / timm ``create_model`` pattern).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, TypeVar
+
+import numpy as np
+
+from .container import CodecError, unpack
+
+KINDS = ("indices", "mask", "array", "probs")
+
+
+class Codec(ABC):
+    """Base of every codec. Subclasses set ``name``, ``codec_id`` (unique, 1..255) and ``kind``."""
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    kind: ClassVar[str]
+    #: True when decoding can report members that were never encoded (filters' false positives).
+    lossy: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def encode(self, *args: Any, **kwargs: Any) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes, *args: Any, **kwargs: Any) -> Any: ...
+
+    def inspect(self, data: bytes) -> dict[str, Any]:
+        """Header fields and sizes of a payload, for ``deltamask codec inspect``."""
+        c = unpack(data, self.codec_id)
+        return {
+            "codec": self.name,
+            "codec_id": self.codec_id,
+            "kind": self.kind,
+            "format_version": c.version,
+            "n": c.n,
+            "count": c.count,
+            "params_bytes": len(c.params),
+            "payload_bytes": len(c.payload),
+            "total_bytes": len(data),
+            "total_bits": 8 * len(data),
+        }
+
+
+class IndexCodec(Codec):
+    """Codec of a sorted set of distinct indices in ``[0, n)``."""
+
+    kind: ClassVar[str] = "indices"
+
+    @abstractmethod
+    def encode(self, indices: np.ndarray, n: int, seed: int = 0) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes) -> np.ndarray: ...
+
+    def decode_mask(self, data: bytes) -> np.ndarray:
+        """Membership of every index of ``[0, n)`` as a bool array (filters override: query-all)."""
+        c = unpack(data, self.codec_id)
+        out = np.zeros(c.n, dtype=bool)
+        out[self.decode(data)] = True
+        return out
+
+    def expected_false_positives(self, k: int, n: int) -> float:
+        """Expected number of non-members reported as members (0 for exact codecs)."""
+        return 0.0
+
+    def estimate_bits(self, k: int, n: int) -> float:
+        """Approximate size in bits of a payload of ``k`` keys out of ``n`` (for ``auto``)."""
+        return 8.0 * 40 + log2_binomial(n, k)
+
+
+class MaskCodec(Codec):
+    """Codec of a dense boolean mask of length ``n``."""
+
+    kind: ClassVar[str] = "mask"
+    needs_probs: ClassVar[bool] = False
+
+    @abstractmethod
+    def encode(self, mask: np.ndarray, probs: np.ndarray | None = None) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes, probs: np.ndarray | None = None) -> np.ndarray: ...
+
+
+class ArrayCodec(Codec):
+    """Codec of a float tensor of any shape."""
+
+    kind: ClassVar[str] = "array"
+
+    @abstractmethod
+    def encode(self, array: np.ndarray) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes) -> np.ndarray: ...
+
+
+class ProbsCodec(Codec):
+    """Codec of the global keep-probabilities (downlink)."""
+
+    kind: ClassVar[str] = "probs"
+
+    @abstractmethod
+    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes) -> np.ndarray: ...
+
+    def applicable(self, counts: np.ndarray | None, total: int | None) -> bool:
+        """Whether this codec can carry the given round's probabilities."""
+        return True
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+_BY_ID: dict[int, type[Codec]] = {}
+C = TypeVar("C", bound=type[Codec])
+
+
+def register(cls: C) -> C:
+    """Class decorator: add a codec to the registry (names and ids must be unique)."""
+    if cls.kind not in KINDS:
+        raise TypeError(f"codec {cls.__name__} has kind {cls.kind!r}; expected one of {KINDS}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"codec name {cls.name!r} is already registered")
+    if cls.codec_id in _BY_ID and _BY_ID[cls.codec_id] is not cls:
+        raise TypeError(f"codec id {cls.codec_id} is already used by {_BY_ID[cls.codec_id].name!r}")
+    _REGISTRY[cls.name] = cls
+    _BY_ID[cls.codec_id] = cls
+    return cls
+
+
+def available_codecs(kind: str | None = None) -> list[str]:
+    """Registered codec names, optionally of one kind, sorted."""
+    return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
+
+
+def get_codec(name: str, kind: str | None = None) -> Codec:
+    """An instance of the codec registered as ``name``; unknown names list the valid ones."""
+    cls = _REGISTRY.get(name)
+    if cls is None or (kind is not None and cls.kind != kind):
+        valid = ", ".join(available_codecs(kind))
+        what = f"{kind} codec" if kind else "codec"
+        raise KeyError(f"unknown {what} {name!r}; valid: {valid}")
+    return cls()
+
+
+def codec_for_id(codec_id: int) -> Codec:
+    """The codec that wrote a payload with this header id."""
+    cls = _BY_ID.get(codec_id)
+    if cls is None:
+        raise CodecError(f"unknown codec id {codec_id} in payload header")
+    return cls()
+
+
+def codec_of(data: bytes) -> Codec:
+    """The codec that wrote ``data`` (after verifying its container)."""
+    return codec_for_id(unpack(data).codec_id)
+
+
+def log2_binomial(n: int, k: int) -> float:
+    """log2 C(n, k): the information-theoretic size of a k-subset of [0, n) in bits."""
+    if k < 0 or k > n:
+        raise ValueError(f"k={k} outside 0..n={n}")
+    if k == 0 or k == n:
+        return 0.0
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def check_indices(indices: np.ndarray, n: int) -> np.ndarray:
+    """Validate and normalise an index set: 1-D integers in [0, n), returned sorted and unique (int64)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1:
+        raise CodecError(f"indices must be 1-D, got shape {idx.shape}")
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise CodecError(f"indices must be integers, got dtype {idx.dtype}")
+    idx = np.unique(idx.astype(np.int64, copy=False))
+    if idx.size and (idx[0] < 0 or idx[-1] >= n):
+        raise CodecError(f"indices must lie in [0, {n}); got range [{idx[0]}, {idx[-1]}]")
+    return idx
+
+
+Factory = Callable[[], Codec]

@@ -1,0 +1,240 @@
+"""Dense payloads: bit-packed masks, float arrays, and the downlink keep-probabilities.
+
+``bitpack``   a boolean mask as n bits (FedPM's raw uplink, exactly 1 bpp plus the container).
+``f32``/``f16``  a float tensor, little-endian IEEE; params hold ndim (u8) and the shape (u64 each).
+``probs-f32``   the keep-probabilities as raw float32 (32 bpp; the naive downlink, for comparison).
+``probs-counts`` the keep-probabilities when they are a function of integer counts: with Beta(1,1)
+              priors reset every round and unweighted aggregation, ``theta = f(c)`` where ``c`` in
+              ``0..K`` is how many of the K aggregated clients kept the weight. We send ``c``
+              ANS-coded under its own empirical histogram (sent in the params), and the receiver
+              recomputes ``theta`` with :func:`theta_from_counts`, exactly as the server does.
+``probs-q8``  any probabilities: uniformly quantized to 8 bits (``q = round(theta*255)``, absolute
+              error at most 1/510) then ANS-coded under the empirical histogram of the levels.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from .base import ArrayCodec, MaskCodec, ProbsCodec, register
+from .container import MAX_N, CodecError, pack, unpack
+
+_STAT_IDS = {"mean": 0, "mode": 1}
+_COUNTS_PARAMS = struct.Struct("<IBfff")  # total K, stat, eps, prior_a, prior_b
+
+
+def theta_from_counts(
+    counts: np.ndarray, total: int, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """Beta-posterior keep-probability from ``counts`` ones out of ``total`` masks (float32, clipped)."""
+    a0, b0 = prior
+    c = counts.astype(np.float64)
+    if stat == "mean":
+        th = (a0 + c) / (a0 + b0 + total)
+    elif stat == "mode":
+        denom = a0 + b0 + total - 2.0
+        th = (a0 - 1.0 + c) / denom if denom > 0 else np.full_like(c, 0.5)
+    else:
+        raise ValueError(f"unknown posterior statistic {stat!r}; valid: mean, mode")
+    return np.clip(th, eps, 1.0 - eps).astype(np.float32)
+
+
+# --- entropy coding of small-alphabet symbols under an empirical histogram (constriction ANS) -------
+
+def _categorical(hist: np.ndarray):
+    import constriction
+
+    probs = hist.astype(np.float64) / float(hist.sum())
+    return constriction.stream.model.Categorical(probs, perfect=False)
+
+
+def ans_encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, bytes]:
+    """ANS-code ``symbols`` in ``0..alphabet-1`` under their histogram; returns (histogram, bytes)."""
+    import constriction
+
+    hist = np.bincount(symbols, minlength=alphabet).astype(np.uint32)
+    if symbols.size == 0 or np.count_nonzero(hist) <= 1:
+        return hist, b""  # a constant sequence is fully described by its histogram
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols.astype(np.int32), _categorical(hist))
+    return hist, coder.get_compressed().astype("<u4").tobytes()
+
+
+def ans_decode_symbols(hist: np.ndarray, payload: bytes, count: int) -> np.ndarray:
+    """Inverse of :func:`ans_encode_symbols`."""
+    import constriction
+
+    if int(hist.sum()) != count:
+        raise CodecError(f"histogram sums to {int(hist.sum())}, header says {count} symbols")
+    nz = np.flatnonzero(hist)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    if nz.size == 1:
+        if payload:
+            raise CodecError("constant sequence must have an empty payload")
+        return np.full(count, nz[0], dtype=np.int64)
+    if len(payload) % 4:
+        raise CodecError(f"ANS payload length {len(payload)} is not a multiple of 4")
+    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+        out = np.asarray(coder.decode(_categorical(hist), count), dtype=np.int64)
+    except BaseException as e:  # constriction raises its own types on garbage
+        raise CodecError(f"ANS stream could not be decoded: {e}") from None
+    if not coder.is_empty():
+        raise CodecError("ANS stream has trailing data: the payload is corrupted")
+    if np.bincount(out, minlength=hist.size)[: hist.size].tolist() != hist.tolist():
+        raise CodecError("decoded symbols do not match the histogram: the payload is corrupted")
+    return out
+
+
+def _read_hist(raw: bytes, alphabet: int) -> np.ndarray:
+    if len(raw) != 4 * alphabet:
+        raise CodecError(f"histogram block has {len(raw)} bytes, expected {4 * alphabet}")
+    return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+
+
+# --- masks ------------------------------------------------------------------------------------------
+
+@register
+class BitpackCodec(MaskCodec):
+    name = "bitpack"
+    codec_id = 30
+    description = "raw 1-bit mask, n bits (FedPM)"
+
+    def encode(self, mask: np.ndarray, probs: np.ndarray | None = None) -> bytes:
+        m = np.asarray(mask).astype(bool, copy=False).ravel()
+        return pack(self.codec_id, m.size, int(m.sum()), np.packbits(m, bitorder="little").tobytes())
+
+    def decode(self, data: bytes, probs: np.ndarray | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id)
+        if len(c.payload) != (c.n + 7) // 8:
+            raise CodecError(f"bitpack: {len(c.payload)} payload bytes for n={c.n}, expected {(c.n + 7) // 8}")
+        m = np.unpackbits(np.frombuffer(c.payload, np.uint8), bitorder="little", count=c.n).astype(bool)
+        if int(m.sum()) != c.count:
+            raise CodecError(f"bitpack: mask has {int(m.sum())} ones, header says {c.count}")
+        return m
+
+
+# --- float arrays -----------------------------------------------------------------------------------
+
+class _FloatArrayCodec(ArrayCodec):
+    dtype: str = "<f4"
+
+    def encode(self, array: np.ndarray) -> bytes:
+        a = np.asarray(array)
+        if a.ndim > 8:
+            raise CodecError(f"{self.name}: arrays of more than 8 dimensions are not supported")
+        params = struct.pack(f"<B{a.ndim}Q", a.ndim, *a.shape)
+        return pack(self.codec_id, a.size, a.size, a.astype(self.dtype).tobytes(), params)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        c = unpack(data, self.codec_id)
+        if not c.params or c.params[0] > 8 or len(c.params) != 1 + 8 * c.params[0]:
+            raise CodecError(f"{self.name}: malformed shape block")
+        shape = struct.unpack(f"<{c.params[0]}Q", c.params[1:])
+        size = int(np.prod(shape, dtype=np.float64)) if shape else 1
+        item = np.dtype(self.dtype).itemsize
+        if size != c.n or size * item != len(c.payload):
+            raise CodecError(f"{self.name}: shape {shape} needs {size * item} bytes, payload has {len(c.payload)}")
+        return np.frombuffer(c.payload, dtype=self.dtype).astype(np.float32).reshape(shape)
+
+
+@register
+class Float32Codec(_FloatArrayCodec):
+    name = "f32"
+    codec_id = 40
+    dtype = "<f4"
+    description = "float32 tensor (32 bits per value)"
+
+
+@register
+class Float16Codec(_FloatArrayCodec):
+    name = "f16"
+    codec_id = 41
+    dtype = "<f2"
+    description = "float16 tensor (16 bits per value)"
+
+
+# --- downlink probabilities ---------------------------------------------------------------------------
+
+@register
+class ProbsFloat32Codec(ProbsCodec):
+    name = "probs-f32"
+    codec_id = 50
+    description = "keep-probabilities as raw float32 (32 bpp)"
+
+    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
+        t = np.asarray(theta, dtype="<f4").ravel()
+        return pack(self.codec_id, t.size, t.size, t.tobytes())
+
+    def decode(self, data: bytes) -> np.ndarray:
+        c = unpack(data, self.codec_id)
+        if len(c.payload) != 4 * c.n:
+            raise CodecError(f"probs-f32: {len(c.payload)} bytes for n={c.n}")
+        return np.frombuffer(c.payload, dtype="<f4").astype(np.float32)
+
+
+@register
+class ProbsCountsCodec(ProbsCodec):
+    name = "probs-counts"
+    codec_id = 51
+    description = "integer keep-counts 0..K, ANS-coded; exact when priors reset every round"
+
+    #: The statistic, eps and prior that turn counts into probabilities; the server sets them.
+    def __init__(self, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)) -> None:
+        self.stat, self.eps, self.prior = stat, eps, prior
+
+    def applicable(self, counts: np.ndarray | None, total: int | None) -> bool:
+        return counts is not None and total is not None and 0 < total <= 1000
+
+    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
+        if not self.applicable(counts, total):
+            raise CodecError("probs-counts needs integer counts and 0 < total <= 1000 (priors reset every round)")
+        c = np.asarray(counts).astype(np.int64).ravel()
+        if c.size and (c.min() < 0 or c.max() > total):
+            raise CodecError(f"counts must lie in 0..{total}")
+        hist, body = ans_encode_symbols(c, total + 1)
+        params = _COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior) + hist.astype("<u4").tobytes()
+        return pack(self.codec_id, c.size, c.size, body, params)
+
+    def decode_counts(self, data: bytes) -> tuple[np.ndarray, int, str, float, tuple[float, float]]:
+        c = unpack(data, self.codec_id)
+        if len(c.params) < _COUNTS_PARAMS.size:
+            raise CodecError("probs-counts: parameter block too short")
+        total, stat_id, eps, a0, b0 = _COUNTS_PARAMS.unpack_from(c.params)
+        stat = {v: k for k, v in _STAT_IDS.items()}.get(stat_id)
+        if stat is None or not 0 < total <= 1000 or not 0.0 <= eps < 0.5:
+            raise CodecError(f"probs-counts: bad parameters (total={total}, stat={stat_id}, eps={eps})")
+        if c.n != c.count or c.n > MAX_N:
+            raise CodecError("probs-counts: n and count disagree")
+        hist = _read_hist(c.params[_COUNTS_PARAMS.size :], total + 1)
+        counts = ans_decode_symbols(hist, c.payload, c.n)
+        return counts, total, stat, eps, (a0, b0)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        counts, total, stat, eps, prior = self.decode_counts(data)
+        return theta_from_counts(counts, total, stat, eps, prior)
+
+
+@register
+class ProbsQ8Codec(ProbsCodec):
+    name = "probs-q8"
+    codec_id = 52
+    description = "keep-probabilities quantized to 8 bits (error <= 1/510), ANS-coded"
+
+    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
+        t = np.asarray(theta, dtype=np.float64).ravel()
+        if t.size and (not np.isfinite(t).all() or t.min() < 0 or t.max() > 1):
+            raise CodecError("probs-q8: probabilities must be finite and in [0, 1]")
+        q = np.rint(t * 255.0).astype(np.int64)
+        hist, body = ans_encode_symbols(q, 256)
+        return pack(self.codec_id, q.size, q.size, body, hist.astype("<u4").tobytes())
+
+    def decode(self, data: bytes) -> np.ndarray:
+        c = unpack(data, self.codec_id)
+        hist = _read_hist(c.params, 256)
+        q = ans_decode_symbols(hist, c.payload, c.n)
+        return (q.astype(np.float32) / np.float32(255.0)).astype(np.float32)
