@@ -1,0 +1,116 @@
+"""The fine-tuned model as a file: backbone spec + 1-bit mask + head (safetensors, never pickle).
+
+The artifact holds no backbone weights: it names the backbone (spec and weights path, as in the
+run's config) and stores the deterministic mask ``[theta >= 0.5]`` bit-packed, the head, the class
+names and the preprocessing. :func:`load_artifact` rebuilds the network; :func:`predict` classifies
+new images. CLI: ``deltamask predict --model OUT/model.safetensors IMAGE...``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ARTIFACT_VERSION = 1
+
+
+class ArtifactError(Exception):
+    """The artifact is missing or damaged."""
+
+
+@dataclass
+class FineTunedModel:
+    net: Any  # MaskedNetwork with its fixed mask applied
+    mask: torch.Tensor | None
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @torch.no_grad()
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities for uint8 images [n, h, w, 3] (or [n, h, w] grayscale)."""
+        from .data import preprocess
+
+        x = np.asarray(images)
+        if x.ndim == 3:
+            x = np.repeat(x[..., None], 3, axis=-1)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"images must be [n, h, w, 3] or [n, h, w] uint8, got shape {x.shape}")
+        dev = self.net.scores.device
+        self.net.eval()
+        self.net.use_fixed_mask(self.mask)
+        logits = self.net(preprocess(x, self.image_size, self.mean, self.std).to(dev))
+        self.net.use_fixed_mask(None)
+        return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.predict_proba(images).argmax(1)
+
+
+def save_artifact(path: str | Path, exp: Any, state: Any) -> Path:
+    from safetensors.numpy import save_file
+
+    cfg = exp.cfg
+    mask = exp.method.eval_mask(state)
+    tensors = {
+        "head.weight": state.head_weight.astype(np.float32),
+        "head.bias": state.head_bias.astype(np.float32),
+    }
+    if mask is not None:
+        tensors["mask.packed"] = np.packbits(mask.numpy().astype(bool), bitorder="little")
+    meta = {
+        "artifact_version": ARTIFACT_VERSION,
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "masked_blocks": cfg.masked_blocks,
+        "mask_pattern": cfg.mask_pattern,
+        "num_masked": exp.net.num_masked,
+        "classes": exp.dataset.classes,
+        "image_size": exp.image_size,
+        "mean": list(exp.net.loaded.mean),
+        "std": list(exp.net.loaded.std),
+        "method": cfg.method,
+        "rounds": state.round,
+    }
+    p = Path(path)
+    tmp = p.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"deltamask_artifact": json.dumps(meta)})
+    tmp.replace(p)
+    return p
+
+
+def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = None) -> FineTunedModel:
+    """Rebuild the fine-tuned network from an artifact (the backbone is loaded from its spec)."""
+    from safetensors import safe_open
+
+    from .masking import MaskedNetwork
+    from .models import load_model
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"model artifact {str(p)!r} does not exist (a finished run writes OUT/model.safetensors)")
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {})["deltamask_artifact"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"model artifact {str(p)!r} is damaged or not a deltamask model ({type(e).__name__}: {e})") from None
+    loaded = load_model(meta["model"], weights if weights is not None else meta["weights"], pretrained_online=True)
+    w = tensors["head.weight"]
+    net = MaskedNetwork(loaded, w.shape[0], meta["masked_blocks"], meta["mask_pattern"])
+    if net.num_masked != meta["num_masked"]:
+        raise ArtifactError(f"backbone {meta['model']} masks {net.num_masked} weights here, the artifact {meta['num_masked']}")
+    with torch.no_grad():
+        net.head.weight.copy_(torch.from_numpy(w))
+        net.head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
+    mask = None
+    if "mask.packed" in tensors:
+        mask = torch.from_numpy(np.unpackbits(tensors["mask.packed"], bitorder="little", count=net.num_masked).astype(bool))
+    net = net.to(device)
+    return FineTunedModel(net, mask, list(meta["classes"]), int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))  # type: ignore[arg-type]

@@ -1,0 +1,170 @@
+"""The ``deltamask`` command. Each sub-command parses, calls the library, writes files.
+
+    deltamask run [--config FILE.toml] [--set key=value ...] [--out DIR] [--resume DIR]
+    deltamask config [--format table|toml|json]      every config key, its default and meaning
+    deltamask report DIR                              redraw plots from DIR/metrics.jsonl
+    deltamask predict --model DIR/model.safetensors IMAGE...
+
+User errors (bad keys, missing data or weights, corrupted state) print one line and exit 2;
+no traceback. ``main(argv)`` returns the exit code, so tests call it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, build_config, describe, from_sources, parse_sets
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .artifact import ArtifactError
+    from .codecs import CodecError
+    from .data import DataError
+    from .models import ModelError
+    from .state import StateError
+
+    return (ConfigError, DataError, ModelError, StateError, ArtifactError, CodecError, FileNotFoundError)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engines.local import resume_config, run_local
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's saved config; do not pass --config")
+        cfg = resume_config(Path(args.resume), parse_sets(args.set or []))
+        out = Path(args.resume)
+    else:
+        cfg = from_sources(args.config, args.set)
+        out = Path(args.out)
+    summary = run_local(cfg, out, resume=bool(args.resume))
+    fa, bu = summary.get("final_accuracy"), summary.get("mean_uplink_bpp")
+    print(
+        f"{cfg.method}: final accuracy {fa:.4f} (best {summary.get('best_accuracy', 0):.4f}), "
+        f"mean uplink {bu:.4f} bpp, mean downlink {summary.get('mean_downlink_bpp', 0):.4f} bpp, "
+        f"{summary.get('total_uplink_bytes', 0):,} B up / {summary.get('total_downlink_bytes', 0):,} B down, "
+        f"{summary.get('elapsed_seconds', 0):.0f}s -> {out}"
+    )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    rows = describe()
+    if args.format == "json":
+        print(json.dumps([{"key": k, "type": t, "default": d, "help": h} for k, t, d, h in rows], indent=2))
+    elif args.format == "toml":
+        for k, t, d, h in rows:
+            print(f"# {h} ({t})")
+            print(f"{k} = {json.dumps(d)}\n")
+    else:
+        w = max(len(k) for k, *_ in rows)
+        for k, t, d, h in rows:
+            print(f"{k:<{w}}  {t:<5}  {json.dumps(d):<22}  {h}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import plot_run
+
+    d = Path(args.dir)
+    if not (d / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{str(d / 'metrics.jsonl')!r} does not exist: pass a run's output folder")
+    for p in plot_run(d):
+        print(p)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .artifact import load_artifact
+
+    model = load_artifact(args.model, weights=args.weights)
+    imgs = []
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {path!r} does not exist")
+        imgs.append(np.asarray(Image.open(path).convert("RGB").resize((model.image_size, model.image_size))))
+    probs = model.predict_proba(np.stack(imgs))
+    for path, p in zip(args.images, probs):
+        k = int(p.argmax())
+        print(json.dumps({"image": path, "class": k, "label": model.classes[k], "probability": round(float(p[k]), 4)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltamask", description="Federated fine-tuning by communicating mask deltas (DeltaMask, FedPM).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of dropped clients)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a federated experiment (defaults: DeltaMask, EfficientNet-Lite0, Fashion-MNIST)")
+    r.add_argument("--config", help="TOML preset (see configs/)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
+    r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("config", help="list every config key with its default and meaning")
+    c.add_argument("--format", choices=("table", "toml", "json"), default="table")
+    c.set_defaults(func=cmd_config)
+
+    rep = sub.add_parser("report", help="redraw a run's plots from its metrics.jsonl")
+    rep.add_argument("dir")
+    rep.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("predict", help="classify images with a fine-tuned model artifact")
+    pr.add_argument("--model", required=True, help="a run's model.safetensors")
+    pr.add_argument("--weights", default=None, help="override the backbone weights path stored in the artifact")
+    pr.add_argument("images", nargs="+")
+    pr.set_defaults(func=cmd_predict)
+
+    for mod, fn in (("cli_codec", "add_codec_parser"), ("bench", "add_bench_parser"), ("compare", "add_compare_parser")):
+        adder = _optional(mod, fn)
+        if adder is not None:
+            adder(sub)
+    return p
+
+
+def _optional(module: str, attr: str) -> Callable[[Any], None] | None:
+    import importlib
+
+    try:
+        m = importlib.import_module(f".{module}", __package__)
+    except ModuleNotFoundError as e:
+        if e.name == f"{__package__}.{module}":
+            return None
+        raise
+    return getattr(m, attr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"deltamask: error: {msg}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("deltamask: interrupted; resume with `deltamask run --resume DIR`", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,127 @@
+"""Client-side computation: pure torch, no I/O, no codecs.
+
+``train_scores``   METHOD.md step 2: scores ``s = logit(theta_g)`` trained for E epochs with Adam, a
+                   fresh straight-through Bernoulli mask per forward pass, the head frozen.
+``train_head``     local linear probing: the head trained on fixed features (FedAvg's local step).
+``evaluate``       accuracy and loss of the network under a fixed mask.
+
+Inputs are *prefix outputs* (the cached, mask-independent part of the backbone) so a local epoch
+costs only the masked part.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masking import MaskedNetwork
+
+
+@dataclass
+class TrainResult:
+    theta: torch.Tensor  # the client's keep-probabilities sigmoid(s) after training
+    loss: float
+    steps: int
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=g)
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_scores(
+    net: MaskedNetwork,
+    theta_g: torch.Tensor,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    eps: float,
+    shuffle_gen: torch.Generator,
+    mask_gen: torch.Generator,
+    train_head: bool = False,
+    head_lr: float = 0.01,
+) -> TrainResult:
+    """Train the mask scores (and optionally the head) on prefix outputs ``h`` with labels ``y``."""
+    net.set_scores_from_probs(theta_g, eps)
+    net.scores.requires_grad_(True)
+    params = [{"params": [net.scores], "lr": lr}]
+    net.head.requires_grad_(train_head)
+    if train_head:
+        params.append({"params": list(net.head.parameters()), "lr": head_lr})
+    opt = torch.optim.Adam(params)
+    net.train()
+    total, steps = 0.0, 0
+    dev = net.scores.device
+    for _ in range(epochs):
+        for idx in _batches(h.shape[0], batch_size, shuffle_gen):
+            xb, yb = h[idx].to(dev), y[idx].to(dev)
+            net.use_sampled_mask(mask_gen)
+            loss = F.cross_entropy(net.forward_from_prefix(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    net.use_fixed_mask(None)
+    net.scores.requires_grad_(False)
+    net.head.requires_grad_(False)
+    net.eval()
+    with torch.no_grad():
+        theta = torch.sigmoid(net.scores).clamp(eps, 1 - eps).clone()
+    return TrainResult(theta, total / max(steps, 1), steps)
+
+
+def train_head(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    feats: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    shuffle_gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Adam on a linear head over fixed features; returns (weight, bias, mean loss)."""
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in _batches(feats.shape[0], batch_size, shuffle_gen):
+            fb, yb = feats[idx].to(w.device), y[idx].to(w.device)
+            loss = F.cross_entropy(F.linear(fb, w, b), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    return w.detach(), b.detach(), total / max(steps, 1)
+
+
+@torch.no_grad()
+def compute_features(net: MaskedNetwork, h: torch.Tensor, mask: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
+    """Pooled backbone features of prefix outputs ``h`` under a fixed mask (``None`` = unmasked)."""
+    net.eval()
+    net.use_fixed_mask(mask)
+    dev = net.scores.device
+    out = [net.features(h[i : i + batch_size].to(dev)) for i in range(0, h.shape[0], batch_size)]
+    net.use_fixed_mask(None)
+    return torch.cat(out) if out else torch.zeros(0, net.backbone.feature_dim, device=dev)
+
+
+@torch.no_grad()
+def evaluate(net: MaskedNetwork, h: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the network with a fixed mask on prefix outputs."""
+    feats = compute_features(net, h, mask, batch_size)
+    logits = net.head(feats)
+    yy = y.to(logits.device)
+    loss = F.cross_entropy(logits, yy).item() if len(yy) else math.nan
+    acc = (logits.argmax(1) == yy).float().mean().item() if len(yy) else math.nan
+    return acc, loss

@@ -1,0 +1,220 @@
+"""One typed, frozen configuration for an experiment, reachable three ways.
+
+TOML presets (``configs/*.toml``), ``--set key=value`` overrides and Flower's ``run_config`` all end in
+the same :class:`Config` via :func:`build_config`. Keys may be written ``snake_case`` or
+``kebab-case``. Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
+Every key, its default and its meaning: ``deltamask config`` (or :func:`describe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and how to fix it."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- experiment ---
+    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe (`deltamask config` lists all)")
+    model: str = _f(
+        "efficientnet_lite0",
+        "backbone spec: efficientnet_lite0 (built-in, offline), timm:NAME, torchvision:NAME, hf:ID_OR_PATH",
+    )
+    weights: str = _f("", "local checkpoint for the backbone (.pth/.safetensors/.bin); empty = the spec's default")
+    dataset: str = _f("fashion-mnist", "data spec: fashion-mnist, digits, npz:PATH, folder:PATH, hf:NAME")
+    data_dir: str = _f("", "where to look for dataset files (fashion-mnist IDX files); empty = default places")
+    image_size: int = _f(64, "input resolution in pixels; 0 = the model's own input size")
+    train_samples: int = _f(3000, "stratified subset of the training set used across all clients (0 = all)")
+    test_samples: int = _f(1000, "stratified subset of the test set used for server evaluation (0 = all)")
+    seed: int = _f(0, "run seed; every random draw derives from (seed, round, client, purpose)")
+    device: str = _f("auto", "torch device: auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    # --- federation ---
+    rounds: int = _f(30, "communication rounds in total, head warm-up included")
+    num_clients: int = _f(10, "number of clients the training set is split across")
+    clients_per_round: int = _f(5, "clients sampled each round (K)")
+    partition: str = _f("dirichlet", "how the training set is split across clients", ("iid", "dirichlet"))
+    alpha: float = _f(0.5, "Dirichlet concentration over labels (smaller = more non-IID)")
+    min_partition_size: int = _f(20, "minimum samples per client for the Dirichlet split")
+    weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation")
+    min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
+    # --- local training ---
+    local_epochs: int = _f(1, "local epochs per round (E)")
+    batch_size: int = _f(64, "local mini-batch size")
+    lr: float = _f(0.1, "Adam learning rate for mask scores")
+    head_lr: float = _f(0.01, "Adam learning rate for the linear head")
+    head_epochs: int = _f(5, "local epochs for the head in linear probing / warm-up rounds")
+    # --- masks (METHOD.md) ---
+    masked_blocks: int = _f(5, "mask every weight matrix / conv kernel in the last L blocks (L)")
+    mask_pattern: str = _f("", "regex over parameter names selecting masked weights (overrides masked_blocks)")
+    theta0: float = _f(0.9, "initial keep-probability of every masked weight")
+    eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit")
+    reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)")
+    posterior: str = _f("mean", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"))
+    head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
+    train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
+    # --- DeltaMask ---
+    kappa: float = _f(0.8, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first")
+    kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
+    kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
+    reference: str = _f("threshold", "reference mask r computed from theta_g", ("threshold",))
+    # --- codecs ---
+    codec: str = _f("golomb", "uplink codec of the delta index set (deltamask) or mask (fedpm)")
+    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact, else q8), probs-counts, probs-q8, probs-f32")
+    head_codec: str = _f("f32", "codec of the dense head", ("f32", "f16"))
+    # --- output ---
+    eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")
+    eval_sampled: bool = _f(True, "also report accuracy with one sampled mask")
+    progress: bool = _f(True, "print a progress line per round to stderr")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw: Any) -> "Config":
+        return build_config(overrides=kw, base=self)
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def _coerce(key: str, value: Any, from_string: bool) -> Any:
+    f = FIELDS[key]
+    typ = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+    if from_string and isinstance(value, str):
+        s = value.strip()
+        try:
+            if typ is bool:
+                low = s.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = low in ("true", "1", "yes")
+            elif typ is int:
+                value = int(s)
+            elif typ is float:
+                value = float(s)
+            else:
+                value = s
+        except ValueError:
+            raise ConfigError(f"config key {key!r} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is int and isinstance(value, float) and value.is_integer() and not from_string:
+        value = int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r} expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {msg}")
+
+    from .methods import METHODS  # late import: methods build on this module
+
+    need(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
+    from .codecs import available_codecs
+
+    uplink = available_codecs("indices") + available_codecs("mask")
+    need(cfg.codec in uplink, "codec", f"unknown uplink codec {cfg.codec!r}; valid: {', '.join(uplink)}")
+    down = ["auto"] + available_codecs("probs")
+    need(cfg.downlink_codec in down, "downlink_codec", f"unknown downlink codec {cfg.downlink_codec!r}; valid: {', '.join(down)}")
+    need(cfg.rounds >= 1, "rounds", "must be >= 1")
+    need(cfg.num_clients >= 1, "num_clients", "must be >= 1")
+    need(1 <= cfg.clients_per_round <= cfg.num_clients, "clients_per_round", "must be in 1..num_clients")
+    need(cfg.local_epochs >= 1, "local_epochs", "must be >= 1")
+    need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+    need(0.0 < cfg.eps < 0.5, "eps", "must be in (0, 0.5)")
+    need(0.0 < cfg.theta0 < 1.0, "theta0", "must be in (0, 1)")
+    need(0.0 < cfg.kappa <= 1.0, "kappa", "must be in (0, 1]")
+    need(0.0 < cfg.kappa_min <= 1.0, "kappa_min", "must be in (0, 1]")
+    need(cfg.alpha > 0, "alpha", "must be > 0")
+    need(cfg.masked_blocks >= 1 or cfg.mask_pattern != "", "masked_blocks", "must be >= 1 (or set mask_pattern)")
+    need(cfg.reset_every >= 0, "reset_every", "must be >= 0")
+    need(cfg.head_warmup_rounds >= 0, "head_warmup_rounds", "must be >= 0")
+    need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")
+    need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")
+    need(cfg.min_replies >= 1, "min_replies", "must be >= 1")
+    need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+
+
+def build_config(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: Config | None = None,
+    from_strings: bool = False,
+) -> Config:
+    """A validated Config: ``base`` (default: defaults) updated with ``overrides``."""
+    values = (base or Config()).to_dict()
+    for raw_key, value in (overrides or {}).items():
+        key = normalize_key(raw_key)
+        if key not in FIELDS:
+            close = [k for k in FIELDS if k.startswith(key[:3])] if len(key) >= 3 else []
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {raw_key!r}{hint}; run `deltamask config` to list every key")
+        values[key] = _coerce(key, value, from_strings)
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a preset; a ``[deltamask]`` table is accepted as well as top-level keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    if "deltamask" in data and isinstance(data["deltamask"], dict):
+        data = data["deltamask"]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            raise ConfigError(f"config file {str(p)!r}: unexpected table [{k}]; keys are flat (see `deltamask config`)")
+    return data
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; a missing ``=`` is an error."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def from_sources(toml_path: str | None = None, sets: list[str] | None = None) -> Config:
+    """Defaults <- TOML preset <- ``--set`` overrides."""
+    cfg = build_config(load_toml(toml_path)) if toml_path else Config()
+    return build_config(parse_sets(sets or []), base=cfg, from_strings=True)
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every key, in declaration order."""
+    rows = []
+    for f in fields(Config):
+        help_ = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_ += f" [{' | '.join(f.metadata['choices'])}]"
+        rows.append((f.name, f.type if isinstance(f.type, str) else f.type.__name__, f.default, help_))
+    return rows

@@ -1,0 +1,176 @@
+"""The contract between a federated method and the engines that run it.
+
+A method is a (client step, server step, codecs) triple. Engines (the local simulator, Flower) only
+move ``bytes``: they call :meth:`Method.downlink` for each selected client, deliver the bytes, call
+:meth:`Method.client_update` on the client side, deliver the reply's bytes back and call
+:meth:`Method.aggregate`. Nothing else crosses the network, so bytes counted here are bytes sent.
+
+A message is a *bundle*: one or more codec containers back to back (each container is
+self-delimiting). Parts are told apart by their codec kind (``probs`` = theta, ``array`` = head, ...).
+
+Clients keep a small cache (``ClientContext.state``): the last theta and head they received. The
+server tracks which version each client holds and sends a part only when the client's copy is stale;
+a client that lost its cache fails loudly and the server forgets what it believed it held.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..codecs import codec_of, get_codec
+from ..codecs.container import HEADER, CodecError
+from ..config import Config
+from ..masking import MaskedNetwork
+from ..server import ServerState, init_state
+
+
+def join_bundle(parts: list[bytes]) -> bytes:
+    return b"".join(parts)
+
+
+def split_bundle(data: bytes) -> list[bytes]:
+    """Split back-to-back containers; a truncated or malformed bundle raises CodecError."""
+    out, pos, n = [], 0, len(data)
+    while pos < n:
+        if n - pos < HEADER.size + 4:
+            raise CodecError(f"bundle truncated at byte {pos}: {n - pos} bytes left, a container needs {HEADER.size + 4}")
+        fields_ = HEADER.unpack_from(data, pos)
+        length = HEADER.size + fields_[6] + fields_[7] + 4
+        if pos + length > n:
+            raise CodecError(f"bundle truncated: container at byte {pos} claims {length} bytes, {n - pos} left")
+        out.append(data[pos : pos + length])
+        pos += length
+    return out
+
+
+def parts_by_kind(data: bytes) -> dict[str, bytes]:
+    parts: dict[str, bytes] = {}
+    for p in split_bundle(data):
+        kind = codec_of(p).kind
+        if kind in parts:
+            raise CodecError(f"bundle holds two {kind} payloads")
+        parts[kind] = p
+    return parts
+
+
+@dataclass
+class ClientData:
+    """A client's local data, already through the mask-independent prefix of the backbone."""
+
+    client_id: int
+    h: torch.Tensor  # prefix outputs
+    y: torch.Tensor  # labels
+    #: derived, recomputable caches (e.g. pooled features under a given mask version); never sent
+    cache: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class ClientContext:
+    round: int
+    client_id: int
+    seed: int
+    #: persistent per-client state (cached theta / head, error-feedback buffers, ...)
+    state: dict[str, Any]
+
+
+@dataclass
+class Reply:
+    client_id: int
+    payload: bytes
+    num_samples: int
+    #: client-side training metrics and simulator-only truths (never counted as payload bits)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientFailure(RuntimeError):
+    """A client could not produce a valid reply (dropped from the round with this reason)."""
+
+
+class Method(ABC):
+    """A federated method: what goes down, what the client computes and sends up, how the server aggregates."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config, net: MaskedNetwork) -> None:
+        self.cfg = cfg
+        self.net = net
+        self.n = net.num_masked
+        self.head_codec = get_codec(cfg.head_codec, kind="array")
+
+    # --- server ------------------------------------------------------------------------------------
+    def init_state(self) -> ServerState:
+        w = self.net.head.weight.detach().cpu().numpy()
+        b = self.net.head.bias.detach().cpu().numpy()
+        return init_state(self.n, self.cfg.theta0, w, b)
+
+    @abstractmethod
+    def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
+        """The bytes the server sends to ``client_id`` at the start of round ``round_``."""
+
+    @abstractmethod
+    def client_update(self, downlink: bytes, data: ClientData, ctx: ClientContext) -> Reply:
+        """Decode the downlink, train locally, encode the reply (client side)."""
+
+    @abstractmethod
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
+        """Decode replies and update ``state`` in place; returns per-round info for the metrics."""
+
+    def delivered(self, state: ServerState, client_id: int, ok: bool) -> None:
+        """Called after a client's round: on failure the server forgets what it believed the client held."""
+        if not ok:
+            state.client_head_version.pop(client_id, None)
+            state.client_theta_version.pop(client_id, None)
+            for key in [k for k in state.extra if k.startswith(f"client{client_id}:")]:
+                del state.extra[key]
+
+    def eval_mask(self, state: ServerState) -> torch.Tensor | None:
+        """The deterministic mask the global model is evaluated with (None: unmasked)."""
+        return None
+
+    def uses_masks(self) -> bool:
+        return False
+
+    # --- head helpers ------------------------------------------------------------------------------
+    def encode_head(self, weight: np.ndarray, bias: np.ndarray) -> bytes:
+        return self.head_codec.encode(np.concatenate([weight, bias[:, None]], axis=1))
+
+    def decode_head(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        arr = codec_of(data).decode(data)
+        c, d1 = self.net.head.weight.shape[0], self.net.head.weight.shape[1] + 1
+        if arr.shape != (c, d1):
+            raise CodecError(f"head payload has shape {arr.shape}, expected {(c, d1)}")
+        return arr[:, :-1].copy(), arr[:, -1].copy()
+
+    def head_downlink_part(self, state: ServerState, client_id: int) -> list[bytes]:
+        """The head, if this client's cached copy is stale."""
+        if state.client_head_version.get(client_id, -1) == state.head_version:
+            return []
+        state.client_head_version[client_id] = state.head_version
+        return [self.encode_head(state.head_weight, state.head_bias)]
+
+    def client_head(self, parts: dict[str, bytes], ctx: ClientContext) -> tuple[np.ndarray, np.ndarray]:
+        if "array" in parts:
+            w, b = self.decode_head(parts["array"])
+            ctx.state["head_weight"], ctx.state["head_bias"] = w, b
+        if "head_weight" not in ctx.state:
+            raise ClientFailure("no head received and none cached (client state lost?)")
+        return ctx.state["head_weight"], ctx.state["head_bias"]
+
+
+def kappa_at(cfg: Config, mask_round: int, mask_rounds: int) -> float:
+    """kappa for the ``mask_round``-th mask-training round (1-based) of ``mask_rounds``."""
+    if cfg.kappa_schedule == "constant" or mask_rounds <= 1:
+        return cfg.kappa
+    t = (mask_round - 1) / (mask_rounds - 1)
+    return cfg.kappa_min + 0.5 * (cfg.kappa - cfg.kappa_min) * (1 + math.cos(math.pi * t))

@@ -1,0 +1,316 @@
+"""FedPM, DeltaMask and linear probing.
+
+Round structure for the mask methods (METHOD.md):
+
+* rounds ``1..head_warmup_rounds``: federated linear probing of the head (FedAvg, dense, counted);
+  features come from the backbone under the deterministic mask ``[theta_g >= 0.5]``.
+* later rounds: mask training. Down: theta_g (downlink codec) and, if the client's cached head is
+  stale, the head. Up: ``fedpm`` sends the sampled mask (``bitpack`` = 1 bpp, or an entropy-coded mask
+  codec); ``deltamask`` sends the top-kappa of the indices where the sampled mask differs from the
+  reference ``r = [theta_g >= 0.5]``, with an index-set codec. The server rebuilds each client's mask
+  (``m_hat = r XOR D_hat``), aggregates Beta posteriors and re-encodes theta_g.
+
+``linear-probe`` runs the head rounds for every round, on the unmasked backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import seeding
+from ..client import compute_features, train_head, train_scores
+from ..codecs import CodecError, IndexCodec, MaskCodec, codec_of, get_codec, log2_binomial
+from ..codecs.dense import ProbsCountsCodec
+from ..config import ConfigError
+from ..server import MaskAggregator, ServerState, fedavg, posterior
+from .base import ClientContext, ClientData, ClientFailure, Method, Reply, join_bundle, kappa_at, parts_by_kind
+
+
+def _bits(b: bytes) -> int:
+    return 8 * len(b)
+
+
+class _HeadRounds(Method):
+    """Federated linear probing of the head on fixed features (FedAvg)."""
+
+    def feature_mask(self, theta: np.ndarray | None) -> torch.Tensor | None:
+        return None
+
+    def head_round_downlink(self, state: ServerState, client_id: int) -> list[bytes]:
+        return self.head_downlink_part(state, client_id)
+
+    def head_round_client(self, parts: dict[str, bytes], data: ClientData, ctx: ClientContext, theta_key: Any, theta: np.ndarray | None) -> Reply:
+        w, b = self.client_head(parts, ctx)
+        key = ("features", theta_key)
+        feats = data.cache.get(key)
+        if feats is None:
+            data.cache.clear()
+            feats = compute_features(self.net, data.h, self.feature_mask(theta))
+            data.cache[key] = feats
+        dev = self.net.scores.device
+        w2, b2, loss = train_head(
+            torch.from_numpy(w).to(dev),
+            torch.from_numpy(b).to(dev),
+            feats,
+            data.y,
+            epochs=self.cfg.head_epochs,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.head_lr,
+            shuffle_gen=seeding.generator(ctx.seed, ctx.round, ctx.client_id, "shuffle"),
+        )
+        payload = self.encode_head(w2.cpu().numpy(), b2.cpu().numpy())
+        return Reply(ctx.client_id, payload, data.num_samples, {"train_loss": loss})
+
+    def head_round_aggregate(self, state: ServerState, replies: list[Reply]) -> dict[str, Any]:
+        heads, weights, dropped = [], [], []
+        for r in replies:
+            try:
+                heads.append(self.decode_head(r.payload))
+                weights.append(r.num_samples if self.cfg.weighted else 1.0)
+            except CodecError as e:
+                dropped.append({"client": r.client_id, "reason": f"malformed head payload: {e}"})
+        info: dict[str, Any] = {"phase": "head", "dropped": dropped, "num_good": len(heads)}
+        if len(heads) < self.cfg.min_replies:
+            info["skipped"] = True
+            return info
+        state.head_weight = fedavg([h[0] for h in heads], weights)
+        state.head_bias = fedavg([h[1] for h in heads], weights)
+        state.head_version += 1
+        info["uplink_payload_bits"] = [_bits(r.payload) for r in replies]
+        return info
+
+
+class LinearProbe(_HeadRounds):
+    name = "linear-probe"
+    description = "FedAvg of a linear head on the frozen backbone (dense fp32 head both ways)"
+
+    def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
+        return join_bundle(self.head_round_downlink(state, client_id))
+
+    def client_update(self, downlink: bytes, data: ClientData, ctx: ClientContext) -> Reply:
+        return self.head_round_client(parts_by_kind(downlink), data, ctx, None, None)
+
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
+        return self.head_round_aggregate(state, replies)
+
+
+class MaskMethod(_HeadRounds):
+    """Shared machinery of FedPM and DeltaMask."""
+
+    def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg, net)
+        self._theta_payload: tuple[int, bytes] | None = None
+        self.counts_codec = ProbsCountsCodec(cfg.posterior, cfg.eps)
+        if cfg.downlink_codec == "auto":
+            self.down_codec = None
+        else:
+            self.down_codec = get_codec(cfg.downlink_codec, kind="probs")
+            if isinstance(self.down_codec, ProbsCountsCodec):
+                self.down_codec = self.counts_codec
+                if cfg.reset_every != 1 or cfg.weighted:
+                    raise ConfigError("downlink_codec=probs-counts needs reset_every=1 and weighted=false (theta must be a function of counts)")
+
+    def uses_masks(self) -> bool:
+        return True
+
+    def is_head_round(self, round_: int) -> bool:
+        return round_ <= self.cfg.head_warmup_rounds
+
+    def feature_mask(self, theta: np.ndarray | None) -> torch.Tensor | None:
+        return None if theta is None else torch.from_numpy(theta >= 0.5)
+
+    def eval_mask(self, state: ServerState) -> torch.Tensor | None:
+        return torch.from_numpy(state.theta >= 0.5)
+
+    # --- downlink ------------------------------------------------------------------------------------
+    def theta_payload(self, state: ServerState) -> bytes:
+        if self._theta_payload is None or self._theta_payload[0] != state.theta_version:
+            self._theta_payload = (state.theta_version, self._encode_theta(state))
+        return self._theta_payload[1]
+
+    def _encode_theta(self, state: ServerState) -> bytes:
+        codec = self.down_codec
+        if codec is None:  # auto
+            exact = state.counts is not None
+            codec = self.counts_codec if exact else get_codec("probs-q8", kind="probs")
+        return codec.encode(state.theta, state.counts, state.counts_total if state.counts is not None else None)
+
+    def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
+        parts = []
+        if state.client_theta_version.get(client_id, -1) != state.theta_version:
+            parts.append(self.theta_payload(state))
+            state.client_theta_version[client_id] = state.theta_version
+        parts += self.head_downlink_part(state, client_id)
+        return join_bundle(parts)
+
+    def _client_theta(self, parts: dict[str, bytes], ctx: ClientContext) -> np.ndarray:
+        if "probs" in parts:
+            theta = codec_of(parts["probs"]).decode(parts["probs"])
+            if theta.shape != (self.n,):
+                raise ClientFailure(f"theta payload has {theta.shape[0]} entries, this model masks {self.n}")
+            ctx.state["theta"] = theta
+            ctx.state["theta_seq"] = ctx.state.get("theta_seq", 0) + 1
+        if "theta" not in ctx.state:
+            raise ClientFailure("no theta received and none cached (client state lost?)")
+        return ctx.state["theta"]
+
+    # --- client --------------------------------------------------------------------------------------
+    def client_update(self, downlink: bytes, data: ClientData, ctx: ClientContext) -> Reply:
+        parts = parts_by_kind(downlink)
+        theta_g = self._client_theta(parts, ctx)
+        if self.is_head_round(ctx.round):
+            return self.head_round_client(parts, data, ctx, ctx.state["theta_seq"], theta_g)
+        w, b = self.client_head(parts, ctx)
+        dev = self.net.scores.device
+        with torch.no_grad():
+            self.net.head.weight.copy_(torch.from_numpy(w))
+            self.net.head.bias.copy_(torch.from_numpy(b))
+        theta_t = torch.from_numpy(theta_g).to(dev)
+        res = train_scores(
+            self.net,
+            theta_t,
+            data.h,
+            data.y,
+            epochs=self.cfg.local_epochs,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.lr,
+            eps=self.cfg.eps,
+            shuffle_gen=seeding.generator(ctx.seed, ctx.round, ctx.client_id, "shuffle"),
+            mask_gen=seeding.generator(ctx.seed, ctx.round, ctx.client_id, "mask-train", dev),
+            train_head=self.cfg.train_head,
+            head_lr=self.cfg.head_lr,
+        )
+        g = seeding.generator(ctx.seed, ctx.round, ctx.client_id, "mask-sample", dev)
+        theta_k = res.theta
+        m_k = (torch.rand(theta_k.shape, generator=g, device=dev) < theta_k).cpu().numpy()
+        payload, metrics = self.encode_mask(m_k, theta_k.cpu().numpy(), theta_g, ctx)
+        metrics["train_loss"] = res.loss
+        parts_up = [payload]
+        if self.cfg.train_head:
+            parts_up.append(self.encode_head(self.net.head.weight.detach().cpu().numpy(), self.net.head.bias.detach().cpu().numpy()))
+        return Reply(ctx.client_id, join_bundle(parts_up), data.num_samples, metrics)
+
+    def encode_mask(self, m_k: np.ndarray, theta_k: np.ndarray, theta_g: np.ndarray, ctx: ClientContext) -> tuple[bytes, dict[str, float]]:
+        raise NotImplementedError
+
+    def decode_mask(self, payload: bytes, theta_g: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        raise NotImplementedError
+
+    # --- server --------------------------------------------------------------------------------------
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
+        if self.is_head_round(round_):
+            return self.head_round_aggregate(state, replies)
+        agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted)
+        per_client: list[dict[str, Any]] = []
+        dropped: list[dict[str, Any]] = []
+        heads, head_w = [], []
+        for r in replies:
+            try:
+                parts = parts_by_kind(r.payload)
+                mask_part = parts.get("indices") or parts.get("mask")
+                if mask_part is None:
+                    raise CodecError("reply holds no mask payload")
+                m_hat, stats = self.decode_mask(mask_part, state.theta)
+                if self.cfg.train_head:
+                    if "array" not in parts:
+                        raise CodecError("train_head is on but the reply holds no head")
+                    heads.append(self.decode_head(parts["array"]))
+                    head_w.append(r.num_samples if self.cfg.weighted else 1.0)
+            except (CodecError, ValueError) as e:
+                dropped.append({"client": r.client_id, "reason": f"malformed payload: {e}"})
+                continue
+            if "num_keys" in r.metrics and "num_members" in stats:  # simulator truth: count false positives
+                stats["false_positives"] = stats["num_members"] - r.metrics["num_keys"]
+                stats["bound_bits"] = log2_binomial(self.n, int(r.metrics["num_keys"]))
+            stats.update({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(mask_part).name})
+            per_client.append(stats)
+            agg.add(m_hat, r.num_samples)
+        info: dict[str, Any] = {"phase": "mask", "dropped": dropped, "num_good": len(per_client), "clients": per_client}
+        if len(per_client) < self.cfg.min_replies:
+            info["skipped"] = True
+            return info
+        state.alpha, state.beta = agg.finish()
+        state.counts = agg.counts.copy() if agg.counts_exact else None
+        state.counts_total = agg.total if agg.counts_exact else 0
+        theta = posterior(state.alpha, state.beta, self.cfg.posterior, self.cfg.eps)
+        state.theta = theta
+        state.theta_version += 1
+        # What the clients will decode is the global model: make the server use exactly that.
+        state.theta = codec_of(self.theta_payload(state)).decode(self.theta_payload(state))
+        if heads:
+            state.head_weight = fedavg([h[0] for h in heads], head_w)
+            state.head_bias = fedavg([h[1] for h in heads], head_w)
+            state.head_version += 1
+        return info
+
+
+class FedPM(MaskMethod):
+    name = "fedpm"
+    description = "FedPM (Isik et al., ICLR 2023): the sampled mask, bit-packed (1 bpp) or entropy-coded"
+
+    def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg, net)
+        name = cfg.codec if cfg.codec in _mask_codec_names() else "bitpack"
+        self.mask_codec: MaskCodec = get_codec(name, kind="mask")  # type: ignore[assignment]
+
+    def encode_mask(self, m_k, theta_k, theta_g, ctx):  # type: ignore[no-untyped-def]
+        return self.mask_codec.encode(m_k, probs=theta_g), {"ones": float(m_k.sum())}
+
+    def decode_mask(self, payload, theta_g):  # type: ignore[no-untyped-def]
+        codec = codec_of(payload)
+        if codec.kind != "mask":
+            raise CodecError(f"fedpm expects a mask payload, got {codec.name}")
+        m = codec.decode(payload, probs=theta_g)
+        if m.shape != (self.n,):
+            raise CodecError(f"mask has {m.shape[0]} entries, expected {self.n}")
+        return m, {"bound_bits": float(np.sum(_bernoulli_bits(m, theta_g)))}
+
+
+def _mask_codec_names() -> list[str]:
+    from ..codecs import available_codecs
+
+    return available_codecs("mask")
+
+
+def _bernoulli_bits(m: np.ndarray, p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return -np.where(m, np.log2(p), np.log2(1 - p))
+
+
+class DeltaMask(MaskMethod):
+    name = "deltamask"
+    description = "DeltaMask (Tsouvalas et al., BigData 2024): top-kappa mask deltas as a sparse index set"
+
+    def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg, net)
+        self.index_codec: IndexCodec = get_codec(cfg.codec, kind="indices")  # type: ignore[assignment]
+
+    def mask_rounds(self) -> int:
+        return max(self.cfg.rounds - self.cfg.head_warmup_rounds, 1)
+
+    def encode_mask(self, m_k, theta_k, theta_g, ctx):  # type: ignore[no-untyped-def]
+        ref = theta_g >= 0.5
+        delta = np.flatnonzero(m_k != ref)
+        kappa = kappa_at(self.cfg, ctx.round - self.cfg.head_warmup_rounds, self.mask_rounds())
+        keep = int(math.ceil(kappa * delta.size))
+        change = np.abs(theta_k[delta] - theta_g[delta])
+        order = np.argsort(-change, kind="stable")[:keep]
+        kept = np.sort(delta[order])
+        seed = seeding.derive_seed(ctx.seed, ctx.round, ctx.client_id, "filter-seed")
+        payload = self.index_codec.encode(kept, self.n, seed=seed)
+        return payload, {"num_keys": float(kept.size), "delta_size": float(delta.size), "kappa": kappa}
+
+    def decode_mask(self, payload, theta_g):  # type: ignore[no-untyped-def]
+        codec = codec_of(payload)
+        if codec.kind != "indices":
+            raise CodecError(f"deltamask expects an index-set payload, got {codec.name}")
+        member = codec.decode_mask(payload)
+        if member.shape != (self.n,):
+            raise CodecError(f"index set is over n={member.shape[0]}, expected {self.n}")
+        k = int(member.sum())
+        m_hat = (theta_g >= 0.5) ^ member
+        return m_hat, {"num_members": float(k), "bound_bits": log2_binomial(self.n, k), "bits_per_key": _bits(payload) / max(k, 1)}

@@ -1,0 +1,107 @@
+"""Byte accounting and the run's JSON outputs.
+
+Every figure is derived from ``len(bytes)`` of real payloads. Per round (one JSON line):
+
+``uplink_bits`` / ``downlink_bits``   summed over the round's clients (bits actually sent);
+``uplink_bpp`` / ``downlink_bpp``     per client: bits / clients / N (N = masked scalars);
+``uplink_bound_bpp``                  the information-theoretic bound of the uplink payloads
+                                      (``log2 C(N,k)`` for index sets, the Bernoulli cross-entropy for
+                                      masks), reported beside the actual size;
+``uplink_bpp_all``                    per client, over all backbone parameters instead of N.
+
+``summary.json`` is computed from ``metrics.jsonl`` (never from live objects), so a resumed run's
+summary is the same as an uninterrupted one's, timings aside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "wall_seconds", "elapsed_seconds")
+
+
+def _clean(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if hasattr(o, "item") and callable(o.item):
+        return _clean(o.item())
+    return o
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{p}: line {i} is not valid JSON (truncated write?)") from None
+    return out
+
+
+def truncate_metrics(path: str | Path, last_round: int) -> None:
+    """Keep the lines of rounds <= last_round (used when resuming)."""
+    p = Path(path)
+    keep = [r for r in read_jsonl(p) if r.get("round", 0) <= last_round] if p.is_file() else []
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+    os.replace(tmp, p)
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """summary.json from the per-round records plus run metadata (method, model, N, config...)."""
+    accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    up_bits = sum(r.get("uplink_bits", 0) for r in records)
+    down_bits = sum(r.get("downlink_bits", 0) for r in records)
+    mask_rounds = [r for r in records if r.get("phase") == "mask"]
+    out = dict(meta)
+    out.update(
+        {
+            "rounds_completed": len(records),
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "final_sampled_accuracy": next((r.get("sampled_accuracy") for r in reversed(records) if r.get("sampled_accuracy") is not None), None),
+            "mean_uplink_bpp": _mean(r.get("uplink_bpp") for r in records),
+            "mean_downlink_bpp": _mean(r.get("downlink_bpp") for r in records),
+            "mean_uplink_bpp_mask_rounds": _mean(r.get("uplink_bpp") for r in mask_rounds) if mask_rounds else None,
+            "mean_uplink_bound_bpp": _mean(r.get("uplink_bound_bpp") for r in records if r.get("uplink_bound_bpp") is not None)
+            if any(r.get("uplink_bound_bpp") is not None for r in records)
+            else None,
+            "total_uplink_bytes": up_bits // 8,
+            "total_downlink_bytes": down_bits // 8,
+            "total_false_positives": sum(r.get("false_positives", 0) or 0 for r in records),
+            "wall_seconds": sum(r.get("seconds", 0.0) for r in records),
+        }
+    )
+    return _clean(out)
+
+
+def write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)

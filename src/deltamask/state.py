@@ -1,0 +1,127 @@
+"""Run state on disk: written atomically after every round, read back by ``--resume``.
+
+One safetensors file (never pickle) holds the server state's arrays, every client's cached arrays
+and, in its metadata, a JSON document with the scalars (round, versions, client scalars) and the
+resolved config. Writing goes to a temporary file in the same folder, fsync, then ``os.replace``,
+so a crash leaves either the old or the new state, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .server import ServerState
+
+STATE_FILE = "state.safetensors"
+STATE_VERSION = 1
+
+
+class StateError(Exception):
+    """The state file is missing, corrupted or from another run; the message says what to do."""
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def save_state(
+    directory: str | Path, state: ServerState, client_states: dict[int, dict[str, Any]], config: dict[str, Any]
+) -> Path:
+    from safetensors.numpy import save_file
+
+    d = Path(directory)
+    tensors: dict[str, np.ndarray] = {
+        "server/theta": state.theta,
+        "server/alpha": state.alpha,
+        "server/beta": state.beta,
+        "server/head_weight": state.head_weight,
+        "server/head_bias": state.head_bias,
+    }
+    if state.counts is not None:
+        tensors["server/counts"] = state.counts
+    for k, v in state.extra.items():
+        tensors[f"extra/{k}"] = v
+    client_scalars: dict[str, dict[str, Any]] = {}
+    for cid, cst in client_states.items():
+        sc: dict[str, Any] = {}
+        for k, v in cst.items():
+            if isinstance(v, np.ndarray):
+                tensors[f"client/{cid}/{k}"] = v
+            else:
+                sc[k] = v
+        client_scalars[str(cid)] = sc
+    meta = {
+        "state_version": STATE_VERSION,
+        "round": state.round,
+        "head_version": state.head_version,
+        "theta_version": state.theta_version,
+        "counts_total": state.counts_total,
+        "client_head_version": {str(k): v for k, v in state.client_head_version.items()},
+        "client_theta_version": {str(k): v for k, v in state.client_theta_version.items()},
+        "client_scalars": client_scalars,
+        "config": config,
+    }
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tmp = d / (STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"deltamask": json.dumps(meta, default=_json_default)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    final = d / STATE_FILE
+    os.replace(tmp, final)
+    return final
+
+
+def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, Any]], dict[str, Any]]:
+    """(server state, client states, saved config) from ``directory``; raises :class:`StateError`."""
+    from safetensors import safe_open
+
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise StateError(f"no run state at {str(path)!r}: nothing to resume (start the run without --resume)")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta_raw = (f.metadata() or {}).get("deltamask")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta_raw is None:
+            raise ValueError("no deltamask metadata")
+        meta = json.loads(meta_raw)
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+        raise StateError(
+            f"run state {str(path)!r} is corrupted or not a deltamask state ({type(e).__name__}: {e}); "
+            "delete the output folder and start again, or restore the file"
+        ) from None
+    if meta.get("state_version") != STATE_VERSION:
+        raise StateError(f"run state {str(path)!r} has version {meta.get('state_version')}, this build reads {STATE_VERSION}")
+    try:
+        state = ServerState(
+            round=int(meta["round"]),
+            theta=tensors["server/theta"],
+            alpha=tensors["server/alpha"],
+            beta=tensors["server/beta"],
+            head_weight=tensors["server/head_weight"],
+            head_bias=tensors["server/head_bias"],
+            head_version=int(meta["head_version"]),
+            client_head_version={int(k): int(v) for k, v in meta["client_head_version"].items()},
+            theta_version=int(meta["theta_version"]),
+            client_theta_version={int(k): int(v) for k, v in meta["client_theta_version"].items()},
+            counts=tensors.get("server/counts"),
+            counts_total=int(meta["counts_total"]),
+            extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra/")},
+        )
+        clients: dict[int, dict[str, Any]] = {int(c): dict(sc) for c, sc in meta["client_scalars"].items()}
+        for k, v in tensors.items():
+            if k.startswith("client/"):
+                _, cid, key = k.split("/", 2)
+                clients.setdefault(int(cid), {})[key] = v
+    except (KeyError, ValueError, TypeError) as e:
+        raise StateError(f"run state {str(path)!r} is incomplete ({e}); delete the output folder and start again") from None
+    return state, clients, meta["config"]
