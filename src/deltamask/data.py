@@ -450,7 +450,10 @@ def _load_folder(path: str, seed: int, test_fraction: float) -> ImageDataset:
         if not train_dirs or not test_dirs:
             raise DataError(f"{root}/train or {root}/test has no class folders with images; {layout}")
     else:
-        train_dirs, test_dirs = _class_dirs(root), {}
+        # PATH/train alone (no PATH/test) is used with a seeded split, unless it is
+        # itself a class folder (images directly inside).
+        only_train = _class_dirs(root / "train") if (root / "train").is_dir() else {}
+        train_dirs, test_dirs = (only_train or _class_dirs(root)), {}
         if not train_dirs:
             raise DataError(f"no class folders with images in {root}; {layout}")
     classes = sorted(set(train_dirs) | set(test_dirs))
