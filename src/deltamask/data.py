@@ -1,0 +1,796 @@
+"""Image data sets by spec string, client partitioning and model preprocessing.
+
+A data set is named by a short *spec* so that command lines and configs stay
+declarative (see :data:`DATASET_FORMS`).  Every loader returns an
+:class:`ImageDataset` holding uint8 RGB images ``[n, h, w, 3]`` plus int64 labels,
+with a held-out test split that the server uses for evaluation.  Whenever the
+source has no test split, a seeded, stratified split is made, so the same seed
+always gives the same split.
+
+``datasets`` and ``flwr-datasets`` are optional dependencies; they are imported
+only by the code paths that need them (``hf:`` specs and :func:`partition`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASET_FORMS",
+    "DataError",
+    "ImageDataset",
+    "load_dataset",
+    "partition",
+    "preprocess",
+    "subsample",
+]
+
+DATASET_FORMS: list[str] = [
+    "fashion-mnist      Fashion-MNIST from its 4 IDX .gz files "
+    "(Debian: apt-get install dataset-fashion-mnist)",
+    "digits             scikit-learn's 8x8 handwritten digits (bundled, no download)",
+    "npz:PATH           .npz with uint8 x [n,h,w] or [n,h,w,c] and int y; "
+    "optional x_test/y_test, optional classes",
+    "folder:PATH        PATH/<class>/*.png|jpg|...; optional PATH/train and PATH/test",
+    "hf:NAME[:TRAIN[:TEST]]  Hugging Face dataset (hub name, local script/data dir, "
+    "or a directory written by save_to_disk)",
+]
+
+FASHION_MNIST_ENV = "DELTAMASK_FASHION_MNIST"
+# Module-level so tests (and unusual installs) can point it elsewhere.
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+class DataError(Exception):
+    """User-facing data problem; message says what was wrong and how to fix it."""
+
+
+def _forms_text() -> str:
+    return "\n".join("  " + form for form in DATASET_FORMS)
+
+
+@dataclass
+class ImageDataset:
+    """Train/test image arrays of one data set, in the uniform layout all code expects.
+
+    Images are uint8 ``[n, h, w, 3]`` (grayscale already expanded to RGB); labels are
+    int64 in ``0..num_classes-1`` and index into ``classes``.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        # Catch layout mistakes at construction instead of deep inside training.
+        for split in ("train", "test"):
+            x = getattr(self, f"x_{split}")
+            y = np.asarray(getattr(self, f"y_{split}"))
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+                raise DataError(
+                    f"{self.name}: x_{split} must be uint8 [n, h, w, 3], "
+                    f"got {x.dtype} {tuple(x.shape)}"
+                )
+            if y.ndim != 1 or len(y) != len(x):
+                raise DataError(
+                    f"{self.name}: y_{split} must be 1-D with one label per image, "
+                    f"got shape {tuple(y.shape)} for {len(x)} images"
+                )
+            y = y.astype(np.int64, copy=False)
+            if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
+                raise DataError(
+                    f"{self.name}: y_{split} has labels outside 0..{len(self.classes) - 1}"
+                )
+            setattr(self, f"y_{split}", y)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``classes``)."""
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _to_rgb(x: np.ndarray, what: str) -> np.ndarray:
+    """Expand [n,h,w] / [n,h,w,1] to [n,h,w,3]; drop alpha of [n,h,w,4]."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(
+            f"{what}: images must be [n, h, w] or [n, h, w, c], got shape {tuple(x.shape)}"
+        )
+    c = x.shape[-1]
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(x, 3, axis=-1))
+    if c == 3:
+        return np.ascontiguousarray(x)
+    if c == 4:
+        return np.ascontiguousarray(x[..., :3])
+    raise DataError(
+        f"{what}: images must have 1 (gray), 3 (RGB) or 4 (RGBA) channels in the last "
+        f"axis, got {c} (shape {tuple(x.shape)}); channels-first arrays must be "
+        f"transposed to [n, h, w, c]"
+    )
+
+
+def _stratified_split(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split; returns sorted (train_idx, test_idx).
+
+    Each class contributes ``round(n_c * test_fraction)`` samples to test, so class
+    proportions are kept.  Classes with one sample stay in train.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(
+            f"test_fraction must be strictly between 0 and 1, got {test_fraction}"
+        )
+    rng = np.random.default_rng(seed)
+    train_parts, test_parts = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(len(idx) * test_fraction))
+        k = min(k, len(idx) - 1)  # keep at least one training example per class
+        test_parts.append(idx[:k])
+        train_parts.append(idx[k:])
+    train = np.sort(np.concatenate(train_parts)) if train_parts else np.zeros(0, np.int64)
+    test = np.sort(np.concatenate(test_parts)) if test_parts else np.zeros(0, np.int64)
+    if len(test) == 0 or len(train) == 0:
+        raise DataError(
+            f"cannot split {len(y)} samples into train and test with "
+            f"test_fraction={test_fraction}; provide more data or an explicit test split"
+        )
+    return train.astype(np.int64), test.astype(np.int64)
+
+
+def _split_dataset(
+    name: str, x: np.ndarray, y: np.ndarray, classes: list[str], test_fraction: float, seed: int
+) -> ImageDataset:
+    tr, te = _stratified_split(y, test_fraction, seed)
+    return ImageDataset(name, x[tr], y[tr], x[te], y[te], classes)
+
+
+def _stack_pil(images: Sequence[Any], names: Sequence[str], what: str) -> np.ndarray:
+    """Convert PIL images to RGB and stack them, resizing to the most common size.
+
+    Ties between equally common sizes go to the size seen first.
+    """
+    from PIL import Image
+
+    if not images:
+        return np.zeros((0, 1, 1, 3), np.uint8)
+    rgb = []
+    for img, nm in zip(images, names):
+        try:
+            rgb.append(img.convert("RGB"))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+            raise DataError(f"{what}: cannot convert image {nm} to RGB: {exc}") from exc
+    size = Counter(im.size for im in rgb).most_common(1)[0][0]
+    out = np.empty((len(rgb), size[1], size[0], 3), np.uint8)
+    for i, im in enumerate(rgb):
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BILINEAR)
+        out[i] = np.asarray(im, dtype=np.uint8)
+    return out
+
+
+# ------------------------------------------------------------------- fashion-mnist
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Read an IDX file (optionally gzip'ed) of unsigned bytes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; re-download or reinstall the file") from exc
+    header = 4 + 4 * ndim
+    if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
+        raise DataError(f"{path} is not an IDX file of the expected kind (bad magic number)")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    count = int(np.prod(dims))
+    if len(data) - header != count:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {dims}, "
+            f"found {len(data) - header} data bytes"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_fashion_mnist(data_dir: str | None) -> ImageDataset:
+    candidates: list[Path] = []
+    if data_dir:
+        candidates += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
+    if os.environ.get(FASHION_MNIST_ENV):
+        candidates.append(Path(os.environ[FASHION_MNIST_ENV]))
+    candidates.append(Path(FASHION_MNIST_SYSTEM_DIR))
+    for directory in candidates:
+        files = {k: _find_idx_file(directory, stem) for k, stem in FASHION_MNIST_FILES.items()}
+        if all(files.values()):
+            break
+    else:
+        searched = "\n".join(f"  {d}" for d in candidates)
+        needed = ", ".join(f"{s}.gz" for s in FASHION_MNIST_FILES.values())
+        raise DataError(
+            "Fashion-MNIST not found. Searched:\n"
+            f"{searched}\n"
+            "To fix: on Debian/Ubuntu run `apt-get install dataset-fashion-mnist` "
+            f"(installs to {FASHION_MNIST_SYSTEM_DIR}), or put the 4 IDX files "
+            f"({needed}) in a directory and pass it as data_dir or set "
+            f"${FASHION_MNIST_ENV} to it."
+        )
+    arrays = {}
+    for key, path in files.items():
+        is_images = key.startswith("x")
+        arrays[key] = _read_idx(path, 0x803 if is_images else 0x801, 3 if is_images else 1)
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(
+                f"Fashion-MNIST {split} images and labels differ in length in {directory}; "
+                "the files are from different releases or corrupt"
+            )
+    return ImageDataset(
+        "fashion-mnist",
+        _to_rgb(arrays["x_train"], "fashion-mnist"),
+        arrays["y_train"].astype(np.int64),
+        _to_rgb(arrays["x_test"], "fashion-mnist"),
+        arrays["y_test"].astype(np.int64),
+        list(FASHION_MNIST_CLASSES),
+    )
+
+
+# -------------------------------------------------------------------------- digits
+
+
+def _load_digits(seed: int, test_fraction: float) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Pixel values are 0..16; stretch to the full uint8 range.
+    x = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    y = d.target.astype(np.int64)
+    classes = [str(int(c)) for c in d.target_names]
+    return _split_dataset("digits", _to_rgb(x, "digits"), y, classes, test_fraction, seed)
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def _npz_images(arr: np.ndarray, key: str, path: str) -> np.ndarray:
+    """Validate an image array; integer arrays in 0..255 are cast to uint8."""
+    what = f"npz:{path} array '{key}'"
+    if arr.ndim not in (3, 4):
+        raise DataError(
+            f"{what} must be [n, h, w] or [n, h, w, c], got shape {tuple(arr.shape)}"
+        )
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.integer) and (
+            arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)
+        ):
+            arr = arr.astype(np.uint8)  # documented lossless conversion
+        else:
+            raise DataError(
+                f"{what} must be uint8 pixels 0..255, got dtype {arr.dtype}; convert it "
+                "before saving, e.g. x = (x * 255).round().clip(0, 255).astype(np.uint8) "
+                "for floats in [0, 1]"
+            )
+    return _to_rgb(arr, what)
+
+
+def _npz_labels(arr: np.ndarray, key: str, path: str) -> np.ndarray:
+    if arr.ndim != 1:
+        raise DataError(f"npz:{path} array '{key}' must be 1-D labels, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _load_npz(path: str, seed: int, test_fraction: float) -> ImageDataset:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(
+            f"npz file not found: {p}. Create it with "
+            "np.savez(PATH, x=uint8 images [n,h,w(,c)], y=int labels [n]) "
+            "(optionally x_test, y_test, classes)."
+        )
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        raise DataError(
+            f"npz:{p} contains object arrays, which are not loaded for safety; "
+            "save plain numeric/string arrays instead"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - zip/format errors vary
+        raise DataError(f"cannot read npz:{p}: {exc}") from exc
+
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(
+                f"npz:{p} has no array '{key}' (found: {sorted(arrays)}); save images as "
+                "'x' and labels as 'y', e.g. np.savez(PATH, x=x, y=y)"
+            )
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(
+            f"npz:{p} must contain both 'x_test' and 'y_test' or neither "
+            f"(found: {sorted(arrays)})"
+        )
+    has_test = "x_test" in arrays
+
+    x = _npz_images(arrays["x"], "x", path)
+    y = _npz_labels(arrays["y"], "y", path)
+    if len(x) != len(y):
+        raise DataError(f"npz:{p} has {len(x)} images in 'x' but {len(y)} labels in 'y'")
+    if has_test:
+        xt = _npz_images(arrays["x_test"], "x_test", path)
+        yt = _npz_labels(arrays["y_test"], "y_test", path)
+        if len(xt) != len(yt):
+            raise DataError(
+                f"npz:{p} has {len(xt)} images in 'x_test' but {len(yt)} labels in 'y_test'"
+            )
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(
+                f"npz:{p}: 'x_test' images are {xt.shape[1:3]} but 'x' images are "
+                f"{x.shape[1:3]}; save both at the same size"
+            )
+    else:
+        xt, yt = x[:0], y[:0]
+
+    all_y = np.concatenate([y, yt])
+    if np.issubdtype(all_y.dtype, np.integer):
+        if len(all_y) and all_y.min() < 0:
+            raise DataError(f"npz:{p}: labels must be >= 0, found {int(all_y.min())}")
+        num = int(all_y.max()) + 1 if len(all_y) else 0
+        if "classes" in arrays:
+            classes = [str(c) for c in arrays["classes"].tolist()]
+            if len(classes) < num:
+                raise DataError(
+                    f"npz:{p}: 'classes' has {len(classes)} names but labels go up to {num - 1}"
+                )
+        else:
+            classes = [str(i) for i in range(num)]
+        y_int, yt_int = y.astype(np.int64), yt.astype(np.int64)
+    elif all_y.dtype.kind in "US":
+        # String labels: classes are the sorted distinct names.
+        names, inv = np.unique(all_y, return_inverse=True)
+        classes = [str(n) for n in names.tolist()]
+        y_int, yt_int = inv[: len(y)].astype(np.int64), inv[len(y):].astype(np.int64)
+    else:
+        raise DataError(
+            f"npz:{p}: labels must be integers (or strings), got dtype {all_y.dtype}; "
+            "save them with y.astype(np.int64)"
+        )
+
+    name = f"npz:{p.name}"
+    if has_test:
+        return ImageDataset(name, x, y_int, xt, yt_int, classes)
+    return _split_dataset(name, x, y_int, classes, test_fraction, seed)
+
+
+# -------------------------------------------------------------------------- folder
+
+
+def _class_dirs(root: Path) -> dict[str, list[Path]]:
+    """Map class name -> sorted image files for each non-hidden subfolder with images."""
+    out: dict[str, list[Path]] = {}
+    for sub in sorted(root.iterdir()):
+        if not sub.is_dir() or sub.name.startswith("."):
+            continue
+        files = sorted(
+            f for f in sub.rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+        )
+        if files:
+            out[sub.name] = files
+    return out
+
+
+def _read_images(files: list[Path]) -> list[Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy() if im.mode in ("RGB", "L") else im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(
+                f"cannot read image {f}: {exc}; delete or replace the file"
+            ) from exc
+    return images
+
+
+def _load_folder(path: str, seed: int, test_fraction: float) -> ImageDataset:
+    root = Path(path).expanduser()
+    layout = (
+        "expected PATH/<class_name>/<image files> (or PATH/train/<class_name>/... and "
+        f"PATH/test/<class_name>/...) with extensions {sorted(IMAGE_EXTENSIONS)}"
+    )
+    if not root.is_dir():
+        raise DataError(f"folder not found: {root}; {layout}")
+    has_split = (root / "train").is_dir() and (root / "test").is_dir()
+    if has_split:
+        train_dirs, test_dirs = _class_dirs(root / "train"), _class_dirs(root / "test")
+        if not train_dirs or not test_dirs:
+            raise DataError(f"{root}/train or {root}/test has no class folders with images; {layout}")
+    else:
+        # PATH/train alone (no PATH/test) is used with a seeded split, unless it is
+        # itself a class folder (images directly inside).
+        only_train = _class_dirs(root / "train") if (root / "train").is_dir() else {}
+        train_dirs, test_dirs = (only_train or _class_dirs(root)), {}
+        if not train_dirs:
+            raise DataError(f"no class folders with images in {root}; {layout}")
+    classes = sorted(set(train_dirs) | set(test_dirs))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def flatten(dirs: dict[str, list[Path]]) -> tuple[list[Path], np.ndarray]:
+        files, labels = [], []
+        for c in sorted(dirs):
+            files += dirs[c]
+            labels += [index[c]] * len(dirs[c])
+        return files, np.asarray(labels, np.int64)
+
+    train_files, y = flatten(train_dirs)
+    test_files, yt = flatten(test_dirs)
+    all_files = train_files + test_files
+    x_all = _stack_pil(_read_images(all_files), [str(f) for f in all_files], f"folder:{root}")
+    x, xt = x_all[: len(train_files)], x_all[len(train_files):]
+    name = f"folder:{root.name}"
+    if has_split:
+        return ImageDataset(name, x, y, xt, yt, classes)
+    return _split_dataset(name, x, y, classes, test_fraction, seed)
+
+
+# ------------------------------------------------------------------------------ hf
+
+
+def _hf_columns(ds: Any, what: str) -> tuple[str, str]:
+    """Pick the image column (Image feature) and the label column (ClassLabel feature)."""
+    import datasets
+
+    feats = ds.features
+    images = [k for k, f in feats.items() if isinstance(f, datasets.Image)]
+    labels = [k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)]
+    if not images:
+        raise DataError(
+            f"{what} has no column with an Image feature (columns: {dict(feats)}); "
+            "cast the image column with ds.cast_column(col, datasets.Image())"
+        )
+    if not labels:
+        raise DataError(
+            f"{what} has no column with a ClassLabel feature (columns: {dict(feats)}); "
+            "encode labels with ds.class_encode_column(col)"
+        )
+
+    def prefer(cols: list[str], names: tuple[str, ...]) -> str:
+        for n in names:
+            if n in cols:
+                return n
+        return cols[0]
+
+    return prefer(images, ("image", "img", "pixel_values")), prefer(labels, ("label", "labels", "fine_label"))
+
+
+def _hf_arrays(ds: Any, img_col: str, lab_col: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    images = ds[img_col]
+    return (
+        _stack_pil(images, [f"{what}[{i}]" for i in range(len(images))], what),
+        np.asarray(ds[lab_col], np.int64),
+    )
+
+
+def _load_hf(arg: str, seed: int, test_fraction: float) -> ImageDataset:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            "hf: specs need the 'datasets' package; install it with `pip install datasets` "
+            "(or `pip install deltamask[hf]`)"
+        ) from exc
+
+    # NAME may itself be a path; only split off ":SPLIT" parts when it is not.
+    name, splits = arg, []
+    if not Path(arg).expanduser().exists() and ":" in arg:
+        name, *splits = arg.split(":")
+    if not name or len(splits) > 2 or any(not s for s in splits):
+        raise DataError(f"bad hf spec 'hf:{arg}'; expected hf:NAME, hf:NAME:TRAIN or hf:NAME:TRAIN:TEST")
+    local = Path(name).expanduser()
+    what = f"hf:{name}"
+
+    if local.is_dir() and (
+        (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()
+    ):
+        try:
+            loaded = datasets.load_from_disk(str(local))
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot load saved dataset {local}: {exc}") from exc
+    else:
+        try:
+            loaded = datasets.load_dataset(str(local) if local.exists() else name)
+        except (ConnectionError, TimeoutError) as exc:
+            raise DataError(_hf_offline_message(name, exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
+            text = str(exc)
+            if "reach" in text.lower() or "offline" in text.lower() or "connect" in text.lower():
+                raise DataError(_hf_offline_message(name, exc)) from exc
+            raise DataError(
+                f"cannot load Hugging Face dataset '{name}': {type(exc).__name__}: {text}. "
+                "Check the name (e.g. 'hf:zalando-datasets/fashion_mnist') or pass a local "
+                "directory written by Dataset.save_to_disk."
+            ) from exc
+
+    if isinstance(loaded, datasets.DatasetDict):
+        available = list(loaded.keys())
+        train_name = splits[0] if splits else ("train" if "train" in loaded else available[0])
+        if len(splits) == 2:
+            test_name: str | None = splits[1]
+        else:
+            test_name = next(
+                (s for s in ("test", "validation", "valid", "val") if s in loaded and s != train_name),
+                None,
+            )
+        for s in (train_name, test_name):
+            if s is not None and s not in loaded:
+                raise DataError(f"{what} has no split '{s}'; available splits: {available}")
+        train_ds = loaded[train_name]
+        test_ds = loaded[test_name] if test_name is not None else None
+    else:
+        if splits:
+            raise DataError(f"{what} is a single dataset without named splits; drop ':{':'.join(splits)}'")
+        train_ds, test_ds = loaded, None
+
+    img_col, lab_col = _hf_columns(train_ds, what)
+    classes = [str(c) for c in train_ds.features[lab_col].names]
+    x, y = _hf_arrays(train_ds, img_col, lab_col, what)
+    if test_ds is None:
+        return _split_dataset(what, x, y, classes, test_fraction, seed)
+    xt, yt = _hf_arrays(test_ds, img_col, lab_col, what)
+    if xt.shape[1:] != x.shape[1:] and len(xt):
+        # Keep train and test at one size so downstream code can treat them alike.
+        from PIL import Image
+
+        h, w = x.shape[1:3]
+        xt = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.BILINEAR)) for im in xt])
+    return ImageDataset(what, x, y, xt, yt, classes)
+
+
+def _hf_offline_message(name: str, exc: BaseException) -> str:
+    return (
+        f"cannot download Hugging Face dataset '{name}': the hub is unreachable "
+        f"({type(exc).__name__}: {exc}). On a machine with internet run "
+        f"`datasets.load_dataset('{name}').save_to_disk('DIR')`, copy DIR here and use "
+        "'hf:DIR'; or, if it is already in the local HF cache, set HF_HUB_OFFLINE=1."
+    )
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def load_dataset(
+    spec: str, *, seed: int = 0, test_fraction: float = 0.2, data_dir: str | None = None
+) -> ImageDataset:
+    """Load the data set named by ``spec`` (see :data:`DATASET_FORMS`).
+
+    ``seed`` and ``test_fraction`` govern the stratified split made when the source
+    has no test split; ``data_dir`` is where to look first for ``fashion-mnist``.
+    """
+    spec = spec.strip()
+    kind, sep, arg = spec.partition(":")
+    kind_l = kind.lower()
+    if not sep:
+        if kind_l in ("fashion-mnist", "fashion_mnist", "fmnist"):
+            return _load_fashion_mnist(data_dir)
+        if kind_l == "digits":
+            return _load_digits(seed, test_fraction)
+    elif arg:
+        if kind_l == "npz":
+            return _load_npz(arg, seed, test_fraction)
+        if kind_l == "folder":
+            return _load_folder(arg, seed, test_fraction)
+        if kind_l == "hf":
+            return _load_hf(arg, seed, test_fraction)
+    raise DataError(f"unknown data set spec '{spec}'; valid forms are:\n{_forms_text()}")
+
+
+def _stratified_take(y: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of a class-proportional subset of size k, or None to keep all."""
+    if k is None or k == 0 or k >= len(y):
+        return None
+    if k < 0:
+        raise DataError(f"sample count must be >= 0 (0 or None keeps all), got {k}")
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * (k / len(y))
+    take = np.floor(quota).astype(np.int64)
+    # Largest-remainder rounding so the total is exactly k (ties: lower class first).
+    order = np.argsort(-(quota - take), kind="stable")
+    take[order[: k - int(take.sum())]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(y == c), size=int(t), replace=False)
+        for c, t in zip(classes, take)
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def subsample(
+    ds: ImageDataset, train_samples: int | None, test_samples: int | None, seed: int
+) -> ImageDataset:
+    """Seeded, class-proportional subset of train and/or test (for quick runs).
+
+    ``None``, 0 or a count >= the split size keeps that split whole.  Original order
+    is kept among the chosen samples.
+    """
+    rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    tr = _stratified_take(ds.y_train, train_samples, rng_train)
+    te = _stratified_take(ds.y_test, test_samples, rng_test)
+    return ImageDataset(
+        ds.name,
+        ds.x_train if tr is None else ds.x_train[tr],
+        ds.y_train if tr is None else ds.y_train[tr],
+        ds.x_test if te is None else ds.x_test[te],
+        ds.y_test if te is None else ds.y_test[te],
+        list(ds.classes),
+    )
+
+
+PARTITION_SCHEMES = ("iid", "dirichlet")
+
+
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_partition_size: int = 1,
+) -> list[np.ndarray]:
+    """Split sample indices across clients with flwr-datasets partitioners.
+
+    Returns one sorted int64 index array per client; together they are a partition
+    of ``range(len(labels))``.  ``"iid"`` shuffles (seeded) and then uses
+    ``IidPartitioner`` (which shards contiguously); ``"dirichlet"`` uses
+    ``DirichletPartitioner`` over labels with concentration ``alpha`` (smaller is
+    more skewed), without self-balancing so the label skew follows Dirichlet(alpha).
+    """
+    try:
+        import datasets
+        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    except ImportError as exc:
+        raise DataError(
+            "partitioning needs 'flwr-datasets' and 'datasets'; install them with "
+            "`pip install flwr-datasets` (or `pip install deltamask[flower]`)"
+        ) from exc
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    scheme_l = scheme.lower()
+    if labels.ndim != 1:
+        raise DataError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    if scheme_l not in PARTITION_SCHEMES:
+        raise DataError(f"unknown partition scheme '{scheme}'; use one of {list(PARTITION_SCHEMES)}")
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    if num_clients > n:
+        raise DataError(
+            f"cannot give {num_clients} clients at least one sample each from {n} samples; "
+            "use fewer clients or more training samples"
+        )
+    if min_partition_size > n // num_clients:
+        raise DataError(
+            f"min_partition_size={min_partition_size} is impossible with {n} samples over "
+            f"{num_clients} clients (at most {n // num_clients} each); lower it or use fewer clients"
+        )
+
+    if scheme_l == "iid":
+        perm = np.random.default_rng(seed).permutation(n)
+        table = datasets.Dataset.from_dict({"label": labels[perm], "idx": perm})
+        part: Any = IidPartitioner(num_partitions=num_clients)
+    else:
+        if not alpha > 0:
+            raise DataError(f"Dirichlet alpha must be > 0, got {alpha}")
+        table = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(n)})
+        part = DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=float(alpha),
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    # Arrow format keeps column reads vectorized: under datasets>=4 the default format
+    # returns a lazy Column that np.array() walks row by row (seconds for 60k labels).
+    part.dataset = table.with_format("arrow")
+    try:
+        with warnings.catch_warnings():
+            # The Dirichlet partitioner warns on every resampling attempt; we report failure once.
+            warnings.simplefilter("ignore", UserWarning)
+            out = [
+                np.sort(part.load_partition(i)[:]["idx"].to_numpy().astype(np.int64))
+                for i in range(num_clients)
+            ]
+    except ValueError as exc:
+        raise DataError(
+            f"Dirichlet partitioning (alpha={alpha}, {num_clients} clients, "
+            f"min_partition_size={min_partition_size}) failed: {exc} Raise alpha, lower "
+            "min_partition_size, or use fewer clients."
+        ) from exc
+
+    # Guard the invariant callers rely on: disjoint and covering.
+    flat = np.concatenate(out) if out else np.zeros(0, np.int64)
+    if len(flat) != n or not np.array_equal(np.sort(flat), np.arange(n)):
+        raise RuntimeError(
+            f"{scheme_l} partitioner returned {len(flat)} indices for {n} samples "
+            "(not a partition); this is a bug"
+        )
+    return out
+
+
+def preprocess(
+    x: np.ndarray,
+    size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    batch: int = 1024,
+) -> torch.Tensor:
+    """uint8 images [n,h,w,3] -> normalized float32 [n,3,size,size] for the model.
+
+    Resizes with bilinear interpolation (antialias=True) to a square ``size``, one
+    batch at a time so peak extra memory is bounded by ``batch`` images; the output
+    tensor itself is ``n*3*size*size*4`` bytes.
+    """
+    if x.dtype != np.uint8:
+        raise DataError(f"preprocess expects uint8 images, got {x.dtype}")
+    x = _to_rgb(x, "preprocess") if x.ndim == 3 or (x.ndim == 4 and x.shape[-1] != 3) else x
+    if x.ndim != 4:
+        raise DataError(f"preprocess expects [n, h, w, 3] images, got shape {tuple(x.shape)}")
+    if size < 1 or batch < 1:
+        raise DataError(f"size and batch must be >= 1, got size={size}, batch={batch}")
+    n, h, w, _ = x.shape
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    out = torch.empty((n, 3, size, size), dtype=torch.float32)
+    for start in range(0, n, batch):
+        chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + batch]))
+        t = chunk.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        if (h, w) != (size, size):
+            t = torch.nn.functional.interpolate(
+                t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+        out[start:start + len(chunk)] = (t - mean_t) / std_t
+    return out
