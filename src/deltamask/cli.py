@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _user_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = " ".join(msg.split())  # one line, whatever the exception's layout
         print(f"deltamask: error: {msg}", file=sys.stderr)
         if args.verbose:
             raise

@@ -31,7 +31,7 @@ class Config:
         "efficientnet_lite0",
         "backbone spec: efficientnet_lite0 (built-in, offline), timm:NAME, torchvision:NAME, hf:ID_OR_PATH",
     )
-    weights: str = _f("", "local checkpoint for the backbone (.pth/.safetensors/.bin); empty = the spec's default")
+    weights: str = _f("", "local checkpoint for the backbone (.pth/.safetensors/.bin); empty = the spec's pretrained default; random = random init")
     dataset: str = _f("fashion-mnist", "data spec: fashion-mnist, digits, npz:PATH, folder:PATH, hf:NAME")
     data_dir: str = _f("", "where to look for dataset files (fashion-mnist IDX files); empty = default places")
     image_size: int = _f(64, "input resolution in pixels; 0 = the model's own input size")

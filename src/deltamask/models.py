@@ -31,6 +31,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MODEL = "efficientnet_lite0"
+RANDOM_WEIGHTS = "random"
 MODEL_FORMS = [
     "efficientnet_lite0 (built-in, offline ImageNet weights)",
     "timm:NAME (e.g. timm:vit_base_patch16_224; weights=PATH for a local checkpoint)",
@@ -216,17 +217,24 @@ def _stage_hf(model: nn.Module) -> StagedBackbone:
 
         return Stage(run, layer=layer)
 
-    if hasattr(model, "pre_layrnorm"):  # CLIP vision transformer
+    layer_list = None  # the layer stack moved between transformers releases: find it
+    for path in ("layers", "encoder.layers", "encoder.layer"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            layer_list = obj
+            break
+    if layer_list is None or not hasattr(model, "embeddings"):
+        raise ModelError(f"hf model {type(model).__name__} is not supported (supported: ViT, DINOv2, CLIP vision)")
+    layers = list(layer_list)
+    if hasattr(model, "pre_layrnorm"):  # CLIP vision transformer: pooled = post_layernorm(CLS)
         embed = Stage(lambda x: model.pre_layrnorm(model.embeddings(x)), embeddings=model.embeddings, pre=model.pre_layrnorm)
-        layers = list(model.encoder.layers)
         finish = Stage(lambda x: model.post_layernorm(x[:, 0]), post=model.post_layernorm)
-    elif hasattr(model, "embeddings") and hasattr(model, "encoder") and hasattr(model.encoder, "layer"):  # ViT, DINOv2
+    else:  # ViT, DINOv2: final layernorm, CLS token
         embed = Stage(lambda x: model.embeddings(x), embeddings=model.embeddings)
-        layers = list(model.encoder.layer)
         norm = getattr(model, "layernorm", None) or nn.Identity()
         finish = Stage(lambda x: norm(x)[:, 0], norm=norm)
-    else:
-        raise ModelError(f"hf model {type(model).__name__} is not supported (supported: ViT, DINOv2, CLIP vision)")
     stages = [embed, *[layer_call(lay) for lay in layers], finish]
     return StagedBackbone(model, stages, [False] + [True] * len(layers) + [False], dim)
 
@@ -312,10 +320,19 @@ def _timm_model(name: str, weights: str, pretrained_online: bool) -> tuple[nn.Mo
 
 
 def load_model(spec: str, weights: str = "", pretrained_online: bool = True) -> LoadedModel:
-    """Build a frozen, staged backbone from a spec (see module docstring)."""
+    """Build a frozen, staged backbone from a spec (see module docstring).
+
+    ``weights``: a local checkpoint path; empty for the spec's own pretrained weights; ``random``
+    for a randomly initialised backbone (seeded by the caller's torch seed; tests and baselines)."""
+    if weights == RANDOM_WEIGHTS:
+        pretrained_online, weights = False, ""
+        random_init = True
+    else:
+        random_init = False
     if spec in (DEFAULT_MODEL, "builtin:efficientnet_lite0"):
         model, mean, std, size = _timm_model("tf_efficientnet_lite0", "", False)
-        load_efficientnet_lite0_into(model, weights or efficientnet_lite0_weights_path())
+        if not random_init:
+            load_efficientnet_lite0_into(model, weights or efficientnet_lite0_weights_path())
         staged = _stage_timm(model)
     elif spec.startswith("timm:"):
         model, mean, std, size = _timm_model(spec[5:], weights, pretrained_online)
