@@ -3,7 +3,7 @@
 Import this package to populate the registry; look codecs up with :func:`get_codec`.
 """
 
-from . import dense, exact  # noqa: F401  (registration side effects)
+from . import dense, exact, fuse  # noqa: F401  (registration side effects)
 from .base import (
     ArrayCodec,
     Codec,

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 
-from .container import CodecError, unpack
+from .container import CodecError, check_decode_size, unpack
 
 KINDS = ("indices", "mask", "array", "probs")
 
@@ -78,6 +78,7 @@ class IndexCodec(Codec):
     def decode_mask(self, data: bytes) -> np.ndarray:
         """Membership of every index of ``[0, n)`` as a bool array (filters override: query-all)."""
         c = unpack(data, self.codec_id)
+        check_decode_size(c.n, self.name)
         out = np.zeros(c.n, dtype=bool)
         out[self.decode(data)] = True
         return out
