@@ -19,7 +19,7 @@ import struct
 import numpy as np
 
 from .base import ArrayCodec, MaskCodec, ProbsCodec, register
-from .container import MAX_N, CodecError, pack, unpack
+from .container import MAX_N, CodecError, check_decode_size, pack, unpack
 
 _STAT_IDS = {"mean": 0, "mode": 1}
 _COUNTS_PARAMS = struct.Struct("<IBfff")  # total K, stat, eps, prior_a, prior_b
@@ -68,6 +68,7 @@ def ans_decode_symbols(hist: np.ndarray, payload: bytes, count: int) -> np.ndarr
 
     if int(hist.sum()) != count:
         raise CodecError(f"histogram sums to {int(hist.sum())}, header says {count} symbols")
+    check_decode_size(count, "ANS symbols")  # a constant sequence has an empty payload: bound the count
     nz = np.flatnonzero(hist)
     if count == 0:
         return np.zeros(0, dtype=np.int64)

@@ -38,7 +38,7 @@ import struct
 import numpy as np
 
 from .base import IndexCodec, MaskCodec, check_indices, log2_binomial, register
-from .container import CodecError, pack, unpack
+from .container import CodecError, check_decode_size, pack, unpack
 
 _GOLOMB_PARAMS = struct.Struct("<BQ")
 
@@ -214,6 +214,7 @@ class AnsIndexCodec(IndexCodec):
             if c.payload or qsize:
                 raise CodecError("ans: an empty set must have no histogram and no payload")
             return np.zeros(0, dtype=np.int64)
+        check_decode_size(k, "ans")  # a constant gap sequence costs 0 payload bits: bound k itself
         if b > 40 or lo > b or b - lo > ANS_HI_BITS or not 1 <= qsize <= ANS_MAX_Q:
             raise CodecError(f"ans: parameters out of range (b={b}, lo={lo}, qsize={qsize})")
         if not (np.isfinite(ratio) and 0.0 < ratio <= 1.0):
