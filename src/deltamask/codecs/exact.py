@@ -189,7 +189,7 @@ class AnsIndexCodec(IndexCodec):
         q = gaps >> b
         r = gaps & ((1 << b) - 1)
         hist = np.bincount(q, minlength=1).astype(np.uint32)
-        ratio = float((1.0 - k / n) ** (1 << lo)) if n else 1.0
+        ratio = min(1.0, max(float((1.0 - k / n) ** (1 << lo)), 1e-6))  # k = n gives 0: keep it codable
         raw = pack_fixed(r & ((1 << lo) - 1), lo)
         coder = constriction.stream.stack.AnsCoder()
         if b - lo > 0:

@@ -21,7 +21,8 @@ the other's filter; see ``tests/codecs/test_codec_interop.py``)::
 Sizes follow the paper's (and the C code's) formulas: for 3-wise, ``segment_length =
 2^floor(ln(n)/ln(3.33) + 2.25)`` and a capacity of ``n * max(1.125, 0.875 + 0.25 ln(1e6)/ln(n))``;
 for 4-wise, ``2^floor(ln(n)/ln(2.91) - 0.5)`` and ``max(1.075, 0.77 + 0.305 ln(6e5)/ln(n))``;
-segment length capped at 2^18. When peeling fails (a 2-core in the hypergraph) we retry with the next
+segment length capped at 2^18, and halved (not below 256) while there would be fewer than 32
+segments, as the C code does. When peeling fails (a 2-core in the hypergraph) we retry with the next
 seed of a splitmix64 sequence started at the caller's seed; after 10 failures the segment count grows
 by ~5% per attempt, and construction gives up with :class:`CodecError` after 64 attempts (never seen).
 
@@ -52,6 +53,9 @@ _U33 = np.uint64(33)
 _M32 = np.uint64(0xFFFFFFFF)
 #: Largest segment length (the C reference's cap, keeps 3-wise offsets in the low 36 hash bits).
 MAX_SEGMENT_LENGTH = 1 << 18
+#: Segment-count floor and the length it may not shrink below (matches the C reference's sizes).
+MIN_SEGMENTS = 32
+MIN_SHRUNK_SEGMENT_LENGTH = 256
 #: Retries at the nominal size before the array grows, and the overall bound on attempts.
 NOMINAL_ATTEMPTS = 10
 MAX_ATTEMPTS = 64
@@ -128,9 +132,17 @@ def fuse_layout(size: int, arity: int) -> FuseLayout:
         else:
             factor = max(1.075, 0.77 + 0.305 * math.log(6e5) / math.log(size))
         capacity = int(math.floor(size * factor + 0.5))
-    segments = -(-capacity // sl)
-    count = 1 if segments <= arity - 1 else segments - (arity - 1)
-    return FuseLayout(arity, sl, count)
+
+    def count_for(sl: int) -> int:
+        segments = -(-capacity // sl)
+        return 1 if segments <= arity - 1 else segments - (arity - 1)
+
+    # Mid-sized sets (~3e3..1.2e5 keys for 3-wise) get shorter segments: the reference C code keeps
+    # at least 32 segments unless that would take the length below 256 (established by comparing
+    # its allocations for every size up to 4e5, tests/codecs/test_codec_interop.py).
+    while sl > MIN_SHRUNK_SEGMENT_LENGTH and count_for(sl) < MIN_SEGMENTS:
+        sl //= 2
+    return FuseLayout(arity, sl, count_for(sl))
 
 
 # --- numpy hashing -------------------------------------------------------------------------------------
