@@ -84,7 +84,7 @@ def test_bad_inputs_exit_nonzero_one_line(tmp_path: Path, capsys: pytest.Capture
 
 def test_bench_smoke(tmp_path: Path) -> None:
     """The benchmark runs end to end on a tiny universe (the real run is a script, not a test)."""
-    assert run(["bench", "codecs", "--out", str(tmp_path), "--n", "200000", "--fractions", "0.01",
+    assert run(["bench", "codecs", "--out", str(tmp_path), "--n", "50000", "--fractions", "0.02",
                 "--repeats", "1"]) == 0
     res = json.loads((tmp_path / "codecs.json").read_text())
     assert {r["codec"] for r in res["rows"]} >= {"fuse8", "golomb", "ans"}

@@ -14,7 +14,11 @@ N = 86_000_000
 @pytest.fixture(scope="module")
 def sets() -> dict[float, np.ndarray]:
     rng = np.random.default_rng(7)
-    return {f: np.sort(rng.choice(N, int(N * f), replace=False)) for f in (0.001, 0.005, 0.01, 0.05)}
+    out = {}
+    for f in (0.001, 0.005, 0.01, 0.05):  # ~k uniform distinct indices (faster than choice without replacement)
+        x = np.sort(rng.integers(0, N, int(N * f)))
+        out[f] = x[np.concatenate([[True], x[1:] != x[:-1]])]
+    return out
 
 
 @pytest.mark.parametrize("name", ["golomb", "ans"])

@@ -48,16 +48,16 @@ def test_backends_agree(arity: int) -> None:
     """numba, numpy and torch (CPU tensors) answer identically, keys and query-all."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(arity)
-    n = 300_000
+    n = 100_000
     for bits in (8, 16):
-        keys = np.sort(rng.choice(n, 3000, replace=False))
+        keys = np.sort(rng.choice(n, 1000, replace=False))
         f = build_fuse_filter(keys, arity, bits, seed=3)
         a = f.query_range(n, backend="numba")
         b = f.query_range(n, backend="numpy")
         c = f.query_range_torch(n, "cpu", chunk=1 << 17).numpy()
         assert np.array_equal(a, b) and np.array_equal(a, c)
         assert a[keys].all()
-        big = rng.integers(0, 2**63, 20_000, dtype=np.int64)  # large keys exercise the wrap/sign paths
+        big = rng.integers(0, 2**63, 5_000, dtype=np.int64)  # large keys exercise the wrap/sign paths
         t = f.contains_torch(torch.from_numpy(big)).numpy()
         assert np.array_equal(t, f.contains(big.astype(np.uint64)))
         assert np.array_equal(t, f.contains(big.astype(np.uint64), backend="numpy"))

@@ -50,7 +50,7 @@ def test_random_bytes(name: str, data: bytes) -> None:
     _decode_all(name, container.MAGIC + data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(WRITERS), pos=st.integers(0, 10_000), val=st.integers(0, 255),
        cut=st.integers(0, 10_000), fix_crc=st.booleans(), mode=st.sampled_from(["flip", "truncate", "extend"]))
 def test_mutated_golden(name: str, pos: int, val: int, cut: int, fix_crc: bool, mode: str) -> None:
