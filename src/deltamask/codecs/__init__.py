@@ -3,7 +3,8 @@
 Import this package to populate the registry; look codecs up with :func:`get_codec`.
 """
 
-from . import dense, exact  # noqa: F401  (registration side effects)
+from . import dense, exact, fuse  # noqa: F401  (registration side effects)
+from . import auto  # noqa: F401  (after the codecs it chooses among)
 from .base import (
     ArrayCodec,
     Codec,

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 
-from .container import CodecError, unpack
+from .container import CodecError, check_decode_size, unpack
 
 KINDS = ("indices", "mask", "array", "probs")
 
@@ -78,6 +78,7 @@ class IndexCodec(Codec):
     def decode_mask(self, data: bytes) -> np.ndarray:
         """Membership of every index of ``[0, n)`` as a bool array (filters override: query-all)."""
         c = unpack(data, self.codec_id)
+        check_decode_size(c.n, self.name)
         out = np.zeros(c.n, dtype=bool)
         out[self.decode(data)] = True
         return out
@@ -194,7 +195,15 @@ def check_indices(indices: np.ndarray, n: int) -> np.ndarray:
         raise CodecError(f"indices must be 1-D, got shape {idx.shape}")
     if idx.size and not np.issubdtype(idx.dtype, np.integer):
         raise CodecError(f"indices must be integers, got dtype {idx.dtype}")
-    idx = np.unique(idx.astype(np.int64, copy=False))
+    idx = idx.astype(np.int64, copy=False)
+    # np.unique is ~50x slower than a sort on numpy 2.4 (1.3 s vs 25 ms for 860k int64, measured on the
+    # 2-core machine), so sort only when needed and drop duplicates with a mask.
+    if idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+        idx = np.sort(idx)
+        keep = np.empty(idx.size, dtype=bool)
+        keep[0] = True
+        np.not_equal(idx[1:], idx[:-1], out=keep[1:])
+        idx = idx[keep]
     if idx.size and (idx[0] < 0 or idx[-1] >= n):
         raise CodecError(f"indices must lie in [0, {n}); got range [{idx[0]}, {idx[-1]}]")
     return idx

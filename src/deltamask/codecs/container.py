@@ -38,6 +38,10 @@ OVERHEAD_BYTES = HEADER.size + CRC.size
 #: Largest universe we accept: 2^36 (~68.7e9) scalars, 80x a ViT-H. Larger claims are corrupt.
 MAX_N = 1 << 36
 MAX_PARAMS_LEN = 4096
+#: Largest universe a decoder will materialize (a bool/float array of length n, e.g. a filter's
+#: query-all or the downlink probabilities): 2^32 (~4.3e9, 5x a ViT-g). Raise it deliberately for
+#: larger models; payloads whose output is bounded by their own length do not need it.
+MAX_DECODE_N = 1 << 32
 
 
 class CodecError(ValueError):
@@ -118,3 +122,10 @@ def unpack(data: bytes | bytearray | memoryview, expect_codec_id: int | None = N
 def peek_codec_id(data: bytes | bytearray | memoryview) -> int:
     """The codec id of a container, after full verification."""
     return unpack(data).codec_id
+
+
+def check_decode_size(n: int, what: str = "payload") -> None:
+    """Refuse to materialize an output of ``n`` elements above :data:`MAX_DECODE_N` (read at call time)."""
+    limit = MAX_DECODE_N
+    if n > limit:
+        raise CodecError(f"{what}: header claims n={n}, above the decode limit {limit} (container.MAX_DECODE_N)")

@@ -1,0 +1,32 @@
+"""Deterministic sample inputs shared by the codec tests and the golden-file generator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deltamask.codecs import Codec, get_codec
+
+GOLDEN_N = 1000
+
+
+def golden_input(codec: Codec) -> dict[str, Any]:
+    """Small deterministic encode arguments for ``codec`` (by kind)."""
+    rng = np.random.default_rng(20240611)
+    if codec.kind == "indices":
+        return {"indices": np.sort(rng.choice(GOLDEN_N, 37, replace=False)), "n": GOLDEN_N, "seed": 5}
+    if codec.kind == "mask":
+        probs = rng.uniform(0.02, 0.98, GOLDEN_N).astype(np.float32)
+        return {"mask": rng.random(GOLDEN_N) < probs, "probs": probs}
+    if codec.kind == "array":
+        return {"array": rng.standard_normal((3, 5)).astype(np.float32)}
+    counts = rng.binomial(8, 0.4, GOLDEN_N)
+    from deltamask.codecs.dense import theta_from_counts
+
+    return {"theta": theta_from_counts(counts, 8), "counts": counts, "total": 8}
+
+
+def encode_sample(name: str) -> bytes:
+    codec = get_codec(name)
+    return codec.encode(**golden_input(codec))
