@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY
+from dmtest import TINY
 from deltamask.cli import main
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from dmtest import tiny_config
 from deltamask.engines.local import run_local
 from deltamask.metrics import TIMING_KEYS, read_jsonl
 
@@ -118,8 +118,28 @@ def test_artifact_rebuilds_the_evaluated_model(tmp_path) -> None:
     assert model.mask is not None and model.mask.dtype == torch.bool
 
 
-@pytest.mark.parametrize("codec", ["golomb"])
+@pytest.mark.parametrize("codec", ["golomb", "ans", "fuse8", "fuse16-4w", "auto"])
 def test_deltamask_codec_choice_is_recorded(tmp_path, codec: str) -> None:
     run_local(tiny_config(codec=codec, rounds=2), tmp_path)
     rec = read_jsonl(tmp_path / "metrics.jsonl")[-1]
-    assert {c["codec"] for c in rec["clients"]} == {codec}
+    used = {c["codec"] for c in rec["clients"]}
+    if codec == "auto":  # exact unless a false-positive budget is set: the smaller exact codec wins
+        assert used <= {"golomb", "ans"}
+    else:
+        assert used == {codec}
+    for c in rec["clients"]:
+        assert c["bits"] > 0 and c["bound_bits"] > 0
+        if codec.startswith("fuse"):
+            assert c["false_positives"] >= 0  # filters: never a false negative, some false positives
+        else:
+            assert c["false_positives"] == 0
+            assert c["bits"] >= c["bound_bits"]
+
+
+def test_fedpm_entropy_coded_mask_is_smaller_than_raw(tmp_path) -> None:
+    run_local(tiny_config(method="fedpm", codec="bitpack", rounds=2), tmp_path / "raw")
+    run_local(tiny_config(method="fedpm", codec="bernoulli-ans", rounds=2), tmp_path / "ans")
+    raw = read_jsonl(tmp_path / "raw" / "metrics.jsonl")[-1]
+    ans = read_jsonl(tmp_path / "ans" / "metrics.jsonl")[-1]
+    assert {c["codec"] for c in ans["clients"]} == {"bernoulli-ans"}
+    assert ans["uplink_bits"] < raw["uplink_bits"]

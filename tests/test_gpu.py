@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from dmtest import tiny_config
 from deltamask.engines.local import run_local
 from deltamask.metrics import read_jsonl
 

@@ -57,19 +57,19 @@ class Config:
     # --- masks (METHOD.md) ---
     masked_blocks: int = _f(5, "mask every weight matrix / conv kernel in the last L blocks (L)")
     mask_pattern: str = _f("", "regex over parameter names selecting masked weights (overrides masked_blocks)")
-    theta0: float = _f(0.9, "initial keep-probability of every masked weight")
+    theta0: float = _f(0.99, "initial keep-probability of every masked weight")
     eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit")
     reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)")
-    posterior: str = _f("mean", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"))
+    posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"))
     head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
     train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
     # --- DeltaMask ---
-    kappa: float = _f(0.8, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first")
+    kappa: float = _f(0.3, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first")
     kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
     kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
     reference: str = _f("threshold", "reference mask r computed from theta_g", ("threshold",))
     # --- codecs ---
-    codec: str = _f("golomb", "uplink codec of the delta index set (deltamask) or mask (fedpm)")
+    codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")
     downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact, else q8), probs-counts, probs-q8, probs-f32")
     head_codec: str = _f("f32", "codec of the dense head", ("f32", "f16"))
     # --- output ---
@@ -132,7 +132,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
     from .codecs import available_codecs
 
-    uplink = available_codecs("indices") + available_codecs("mask")
+    uplink = sorted(set(available_codecs("indices") + available_codecs("mask") + ["auto"]))
     need(cfg.codec in uplink, "codec", f"unknown uplink codec {cfg.codec!r}; valid: {', '.join(uplink)}")
     down = ["auto"] + available_codecs("probs")
     need(cfg.downlink_codec in down, "downlink_codec", f"unknown downlink codec {cfg.downlink_codec!r}; valid: {', '.join(down)}")

@@ -117,6 +117,13 @@ class MaskMethod(_HeadRounds):
     def uses_masks(self) -> bool:
         return True
 
+    def init_state(self) -> ServerState:
+        state = super().init_state()
+        # From the first round on, theta_g is what the clients decode (q8 of theta0 is not theta0).
+        payload = self.theta_payload(state)
+        state.theta = codec_of(payload).decode(payload)
+        return state
+
     def is_head_round(self, round_: int) -> bool:
         return round_ <= self.cfg.head_warmup_rounds
 
@@ -254,7 +261,9 @@ class FedPM(MaskMethod):
 
     def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
         super().__init__(cfg, net)
-        name = cfg.codec if cfg.codec in _mask_codec_names() else "bitpack"
+        name = "bitpack" if cfg.codec == "auto" else cfg.codec  # FedPM's own uplink is the raw mask
+        if name not in _mask_codec_names():
+            raise ConfigError(f"config key 'codec': fedpm sends a mask; use one of {', '.join(_mask_codec_names())} (got {cfg.codec!r})")
         self.mask_codec: MaskCodec = get_codec(name, kind="mask")  # type: ignore[assignment]
 
     def encode_mask(self, m_k, theta_k, theta_g, ctx):  # type: ignore[no-untyped-def]
