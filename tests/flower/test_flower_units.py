@@ -107,3 +107,20 @@ def test_one_preset_for_both_engines() -> None:
     assert set(keys) <= set(table), "flwr rejects override keys missing from [tool.flwr.app.config]"
     flower_cfg, _ = resolve({**table, **keys})
     assert flower_cfg == from_sources(str(preset))
+
+
+def test_cli_run_config_converts_a_snake_case_preset(tmp_path, capsys) -> None:
+    import argparse
+
+    from deltamask.engines.flower.cli import add_flower_parser
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('num_clients = 4\nclients_per_round = 2\nmethod = "fedpm"\n')
+    parser = argparse.ArgumentParser()
+    add_flower_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["flower", "run-config", "--config", str(preset), "--set", "rounds=7", "--out", "/abs/out"])
+    assert args.func(args) == 0
+    table = tomllib.loads(capsys.readouterr().out)
+    assert set(table) <= set(app_config_table())
+    cfg, st = resolve(table)
+    assert cfg == from_sources(str(preset), ["rounds=7"]) and st.out_dir == "/abs/out"
