@@ -1,0 +1,126 @@
+"""Flower glue without a federation: records packing, client cache, run_config -> Config, the app's pyproject."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+
+from deltamask.config import Config, ConfigError, from_sources  # noqa: E402
+from deltamask.engines.flower import records  # noqa: E402
+from deltamask.engines.flower.settings import FLOWER_KEYS, app_config_table, config_hash, resolve  # noqa: E402
+
+pytestmark = pytest.mark.flower
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower"
+
+
+def _bundle(n: int) -> bytes:
+    from deltamask.codecs import get_codec
+
+    return get_codec("f32", kind="array").encode(np.arange(n, dtype=np.float32).reshape(1, n))
+
+
+@pytest.mark.parametrize("n", [4, 20_000])
+def test_payload_roundtrip_small_and_large(n: int) -> None:
+    payload = _bundle(n)
+    content = records.pack_payload(payload, {"round": 3})
+    rec = content[records.PAYLOAD_KEY]
+    if len(payload) < records.SMALL_PAYLOAD_BYTES:
+        assert isinstance(rec, ConfigRecord)
+    else:
+        assert isinstance(rec, ArrayRecord)
+        arr = rec["payload"]
+        assert arr.stype == "deltamask/f32/v1" and arr.dtype == "uint8" and arr.shape == (len(payload),)
+    assert records.unpack_payload(content) == payload
+    assert records.unpack_meta(content) == {"round": 3}
+    assert records.record_bytes(content) >= len(payload)
+
+
+def test_empty_payload_travels() -> None:
+    content = records.pack_payload(b"")
+    assert records.unpack_payload(content) == b""
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (RecordDict(), "no 'deltamask.payload'"),
+        (RecordDict({records.PAYLOAD_KEY: ConfigRecord({"payload": "text"})}), "no bytes"),
+        (RecordDict({records.PAYLOAD_KEY: ArrayRecord({"payload": Array(np.zeros(3))})}), "stype"),
+        (RecordDict({records.PAYLOAD_KEY: ArrayRecord({"payload": Array("uint8", (9,), "deltamask/x/v1", b"abc")})}), "claims"),
+    ],
+)
+def test_malformed_records_raise(content: RecordDict, match: str) -> None:
+    with pytest.raises(records.RecordError, match=match):
+        records.unpack_payload(content)
+
+
+def test_client_cache_roundtrip_through_context_state() -> None:
+    state = RecordDict()
+    assert records.load_client_state(state) == {}
+    cache = {"theta": np.linspace(0, 1, 7, dtype=np.float32), "head_weight": np.ones((2, 3), np.float32), "theta_seq": 4}
+    records.save_client_state(state, cache)
+    back = records.load_client_state(state)
+    assert back.keys() == cache.keys() and back["theta_seq"] == 4
+    np.testing.assert_array_equal(back["theta"], cache["theta"])
+    assert back["theta"].dtype == np.float32
+    records.clear_client_state(state)
+    assert records.load_client_state(state) == {}
+
+
+def test_run_config_resolves_like_deltamask_run() -> None:
+    cfg, st = resolve({"num-clients": 4, "clients-per-round": "2", "head_lr": 0.5, "out-dir": "/x", "round-timeout": 7})
+    assert cfg.num_clients == 4 and cfg.clients_per_round == 2 and cfg.head_lr == 0.5
+    assert st.out_dir == "/x" and st.round_timeout == 7.0
+    with pytest.raises(ConfigError, match="unknown config key 'num-client'"):
+        resolve({"num-client": 3})
+    with pytest.raises(ConfigError, match="rounds"):
+        resolve({"rounds": "many"})
+    assert config_hash(cfg) == config_hash(cfg.replace(progress=False, device="cpu"))
+    assert config_hash(cfg) != config_hash(cfg.replace(seed=1))
+
+
+def test_app_pyproject_lists_every_key_with_its_default() -> None:
+    data = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
+    app = data["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "deltamask.engines.flower.server_app:app",
+        "clientapp": "deltamask.engines.flower.client_app:app",
+    }
+    assert app["config"] == app_config_table()
+    cfg, _ = resolve(app["config"])
+    assert cfg == Config()
+    assert set(FLOWER_KEYS) <= set(app["config"])
+
+
+def test_one_preset_for_both_engines() -> None:
+    """A kebab-case preset is a valid `flwr run --run-config` file and a valid `deltamask run --config`."""
+    preset = EXAMPLE / "tiny.toml"
+    table = app_config_table()
+    keys = tomllib.loads(preset.read_text())
+    assert set(keys) <= set(table), "flwr rejects override keys missing from [tool.flwr.app.config]"
+    flower_cfg, _ = resolve({**table, **keys})
+    assert flower_cfg == from_sources(str(preset))
+
+
+def test_cli_run_config_converts_a_snake_case_preset(tmp_path, capsys) -> None:
+    import argparse
+
+    from deltamask.engines.flower.cli import add_flower_parser
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('num_clients = 4\nclients_per_round = 2\nmethod = "fedpm"\n')
+    parser = argparse.ArgumentParser()
+    add_flower_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["flower", "run-config", "--config", str(preset), "--set", "rounds=7", "--out", "/abs/out"])
+    assert args.func(args) == 0
+    table = tomllib.loads(capsys.readouterr().out)
+    assert set(table) <= set(app_config_table())
+    cfg, st = resolve(table)
+    assert cfg == from_sources(str(preset), ["rounds=7"]) and st.out_dir == "/abs/out"
