@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 "$PY" -m pytest -q "$@"
 rc=$?
 [ $rc -ne 0 ] && exit $rc
-"$PY" -m pytest -q -m flower_deploy -p no:cacheprovider
+"$PY" -m pytest -q -m "flower_deploy or (flower and slow)" -p no:cacheprovider
 rc=$?
 # exit code 5 = no test collected: only acceptable if no deployment test exists in this checkout
 if [ $rc -eq 5 ] && ! grep -rq "flower_deploy" tests/ --include='*.py'; then rc=0; fi

@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+")
     pr.set_defaults(func=cmd_predict)
 
-    for mod, fn in (("cli_codec", "add_codec_parser"), ("bench", "add_bench_parser"), ("compare", "add_compare_parser")):
+    for mod, fn in (
+        ("cli_codec", "add_codec_parser"),
+        ("bench", "add_bench_parser"),
+        ("compare", "add_compare_parser"),
+        ("engines.flower.cli", "add_flower_parser"),
+    ):
         adder = _optional(mod, fn)
         if adder is not None:
             adder(sub)
@@ -139,7 +144,7 @@ def _optional(module: str, attr: str) -> Callable[[Any], None] | None:
     try:
         m = importlib.import_module(f".{module}", __package__)
     except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.{module}":
+        if e.name == f"{__package__}.{module}" or e.name == "flwr":  # not built yet / Flower not installed
             return None
         raise
     return getattr(m, attr)

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("flwr")
 import tomli_w  # noqa: E402  (a dependency of flwr)
 
-from conftest import TINY  # noqa: E402
+from dmtest import TINY  # noqa: E402
 from deltamask.metrics import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.flower_deploy

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from conftest import TINY, tiny_config  # noqa: E402
+from dmtest import TINY, tiny_config  # noqa: E402
 from deltamask.engines.flower import make_client_app, run_server  # noqa: E402
 from deltamask.engines.flower.client_app import ScriptedFault  # noqa: E402
 from deltamask.engines.local import run_local  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from conftest import TINY, tiny_config  # noqa: E402
+from dmtest import TINY, tiny_config  # noqa: E402
 from deltamask.engines.flower import make_client_app, make_server_app  # noqa: E402
 from deltamask.engines.local import run_local  # noqa: E402
 from test_flower_loopback import assert_same_run  # noqa: E402
