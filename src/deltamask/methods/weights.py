@@ -41,6 +41,7 @@ from .. import seeding
 from ..client import _batches
 from ..codecs import CodecError, codec_of, get_codec
 from ..codecs import quant  # noqa: F401  (registers the baseline codecs)
+from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
 from ..server import ServerState, fedavg
 from .base import ClientContext, ClientData, ClientFailure, Reply, join_bundle, split_bundle
@@ -138,12 +139,16 @@ class WeightMethod(_HeadRounds):
         with torch.no_grad():
             return self.to_delta(torch.from_numpy(state.extra[V_KEY])).cpu().numpy().astype(np.float32)
 
+    def dense_bytes(self) -> int:
+        """Size of the dense float32 ``v_g`` sync part (container + 1-D shape block + 4 bytes a value)."""
+        return OVERHEAD_BYTES + 9 + 4 * self.p
+
     def _sync_parts(self, state: ServerState, client_id: int) -> tuple[int, int, int, list[bytes]]:
         cur = state.theta_version
         have = state.client_theta_version.get(client_id, 0)
         if have == cur:
             return MODE_NONE, have, cur, []
-        dense_bytes = len(self.f32.encode(np.zeros(0, np.float32))) + 4 * self.p + 8
+        dense_bytes = self.dense_bytes()
         hist = [state.extra.get(f"{HIST_PREFIX}{v}") for v in range(have + 1, cur + 1)]
         state.client_theta_version[client_id] = cur
         if 0 <= have < cur and all(h is not None for h in hist) and sum(h.size for h in hist) < dense_bytes:  # type: ignore[union-attr]
@@ -158,7 +163,7 @@ class WeightMethod(_HeadRounds):
 
     def _prune_history(self, state: ServerState) -> None:
         """Keep the newest global updates while together they are smaller than the dense v_g."""
-        dense_bytes = 4 * self.p + 64
+        dense_bytes = self.dense_bytes()
         total = 0
         for v in range(state.theta_version, 0, -1):
             key = f"{HIST_PREFIX}{v}"
