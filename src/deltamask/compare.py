@@ -63,7 +63,7 @@ def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
     """(title, [(run name, validated config)]) from a suite file; every problem raises ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"suite file {str(p)!r} does not exist (see configs/suite-default.toml)")
+        raise ConfigError(f"suite file {str(p)!r} does not exist (see configs/suites/default.toml)")
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -256,7 +256,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_compare_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("compare", help="run a suite of methods on one setup; table and accuracy-vs-bpp plot")
-    p.add_argument("--suite", required=True, help="suite TOML: [base] shared keys and [[runs]] (see configs/suite-default.toml)")
+    p.add_argument("--suite", required=True, help="suite TOML: [base] shared keys and [[runs]] (see configs/suites/default.toml)")
     p.add_argument("--out", required=True, help="output folder (runs/NAME per run, comparison.csv/.md/.png); rerun to resume")
     p.add_argument("--only", action="append", metavar="NAME", help="run only this run of the suite (repeatable)")
     p.set_defaults(func=cmd_compare)

@@ -85,7 +85,7 @@ def test_cli_reports_missing_suite(tmp_path, capsys) -> None:
 def test_preset_suite_is_valid(tmp_path) -> None:
     from deltamask.codecs import available_codecs
 
-    text = (Path(__file__).resolve().parents[2] / "configs" / "suite-default.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "configs" / "suites" / "default.toml").read_text()
     assert 'codec = "bernoulli-ans"' in text
     for codec, stand_in in (("bernoulli-ans", "bitpack"), ("fuse8", "golomb")):  # codecs of another branch
         if codec not in available_codecs():
