@@ -31,6 +31,7 @@ then the sync parts. Uplink message: one container, the method's compressed upda
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -89,9 +90,9 @@ class WeightMethod(_HeadRounds):
         codec = codec_of(payload)
         if codec.kind != "array":
             raise CodecError(f"{self.name} expects an array payload, got {codec.name}")
-        try:
+        if "expect_n" in inspect.signature(codec.decode).parameters:  # sparse/entropy codecs: check n first
             est = codec.decode(payload, expect_n=self.p)  # type: ignore[call-arg]
-        except TypeError:
+        else:  # dense codecs: the allocation is bounded by the payload's own length
             est = codec.decode(payload)
         est = np.asarray(est, np.float32).ravel()
         if est.shape != (self.p,):
