@@ -2,7 +2,8 @@
 
 The artifact holds no backbone weights: it names the backbone (spec and weights path, as in the
 run's config) and stores the deterministic mask ``[theta >= 0.5]`` bit-packed, the head, the class
-names and the preprocessing. :func:`load_artifact` rebuilds the network; :func:`predict` classifies
+names and the preprocessing; weight-training baselines add ``weights.delta`` (float32[N], the trained
+change of the masked weights). :func:`load_artifact` rebuilds the network; :func:`predict` classifies
 new images. CLI: ``deltamask predict --model OUT/model.safetensors IMAGE...``.
 """
 
@@ -64,6 +65,9 @@ def save_artifact(path: str | Path, exp: Any, state: Any) -> Path:
     }
     if mask is not None:
         tensors["mask.packed"] = np.packbits(mask.numpy().astype(bool), bitorder="little")
+    delta = exp.method.global_delta(state)  # weight-training baselines: the trained change of the masked weights
+    if delta is not None:
+        tensors["weights.delta"] = np.asarray(delta, np.float32)
     meta = {
         "artifact_version": ARTIFACT_VERSION,
         "model": cfg.model,
@@ -113,4 +117,6 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
     if "mask.packed" in tensors:
         mask = torch.from_numpy(np.unpackbits(tensors["mask.packed"], bitorder="little", count=net.num_masked).astype(bool))
     net = net.to(device)
+    if "weights.delta" in tensors:
+        net.use_weight_delta(torch.from_numpy(tensors["weights.delta"]).to(device))
     return FineTunedModel(net, mask, list(meta["classes"]), int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))  # type: ignore[arg-type]

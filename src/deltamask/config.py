@@ -76,6 +76,18 @@ class Config:
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")
     eval_sampled: bool = _f(True, "also report accuracy with one sampled mask")
     progress: bool = _f(True, "print a progress line per round to stderr")
+    # --- baselines --- (weight-training baselines: fedavg, qsgd, signsgd, topk, drive, eden, lora; docs/baselines.md)
+    weight_lr: float = _f(1e-4, "Adam learning rate of the trained weights / LoRA adapters in the weight-training baselines")
+    qsgd_levels: int = _f(4, "QSGD: quantisation levels s per sign, 1..1024 (Alistarh et al. 2017)")
+    qsgd_bucket: int = _f(512, "QSGD: values per bucket, one f32 norm each (0 = one bucket; the paper's experiments use 512)")
+    signsgd_mode: str = _f("ef", "signSGD: ef = scaled sign with error feedback (Karimireddy et al. 2019), vote = majority vote (Bernstein et al. 2019)", ("ef", "vote"))
+    topk_ratio: float = _f(0.01, "TopK: fraction of the update's entries sent each round, with error feedback")
+    drive_scale: str = _f("unbiased", "DRIVE scale: unbiased = ||x||^2/||Rx||_1 (for averaging), mse = ||Rx||_1/d (biased)", ("unbiased", "mse"))
+    eden_bits: float = _f(0.5, "EDEN bits per coordinate: in (0,1) = sub-bit by random sub-sampling, or an integer 1..8")
+    rotation_block: int = _f(65536, "DRIVE/EDEN: randomized Hadamard block, a power of two >= 256 (0 = whole vector, padded)")
+    lora_rank: int = _f(4, "LoRA: rank r of the adapters on the maskable tensors")
+    lora_alpha: float = _f(0.0, "LoRA: scaling alpha, dW = alpha/r * B A (0 = r, scale 1)")
+    lora_dtype: str = _f("f32", "LoRA: adapter updates on the wire", ("f32", "f16"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,10 @@ Before a forward pass the caller chooses the mask:
 * ``fixed``: a given boolean mask (``[theta >= 0.5]`` for evaluation, or a decoded client mask).
 * ``none``: the original weights.
 
+Weight-training baselines (FedAvg, QSGD, LoRA, ...) train the *same* scalars instead of masking them:
+:meth:`MaskedNetwork.use_weight_delta` sets a flat additive delta (length ``N``, may require grad), so
+the module computes with ``(W + dW) * m`` (``m`` = 1 when no mask is set).
+
 Everything before the first masked stage is mask-independent (:meth:`prefix`); the engine caches it.
 """
 
@@ -29,7 +33,7 @@ def logit(p: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _ApplyMask(nn.Module):
-    """Parametrization ``W -> W * m[slice]`` reading the network's current mask."""
+    """Parametrization ``W -> (W + dW[slice]) * m[slice]`` reading the network's current delta and mask."""
 
     def __init__(self, owner: "MaskedNetwork", offset: int, shape: torch.Size) -> None:
         super().__init__()
@@ -39,6 +43,9 @@ class _ApplyMask(nn.Module):
         self.numel = int(torch.Size(shape).numel())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        dw = self._owner[0]._delta
+        if dw is not None:
+            w = w + dw[self.offset : self.offset + self.numel].view(self.shape)
         m = self._owner[0]._current
         if m is None:
             return w
@@ -69,6 +76,7 @@ class MaskedNetwork(nn.Module):
         self.offsets: list[int] = []
         offset = 0
         self._current: torch.Tensor | None = None
+        self._delta: torch.Tensor | None = None
         for name in self.masked_names:
             p = params[name]
             self.shapes.append(p.shape)
@@ -103,6 +111,12 @@ class MaskedNetwork(nn.Module):
 
     def use_fixed_mask(self, mask: torch.Tensor | None) -> None:
         self._current = None if mask is None else mask.to(self.scores.device, self.scores.dtype)
+
+    def use_weight_delta(self, delta: torch.Tensor | None) -> None:
+        """Add a flat delta (length N) to the masked weights; ``None`` restores the frozen weights."""
+        if delta is not None and delta.shape != (self.num_masked,):
+            raise ValueError(f"weight delta has shape {tuple(delta.shape)}, expected ({self.num_masked},)")
+        self._delta = delta
 
     # --- forward pieces ----------------------------------------------------------------------------
     def prefix(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ def set_head(exp: Experiment, state: ServerState) -> None:
 def evaluate_global(exp: Experiment, state: ServerState, round_: int) -> dict[str, Any]:
     """Accuracy of the global model: deterministic mask [theta >= 0.5], and one sampled mask."""
     set_head(exp, state)
+    exp.method.prepare_eval(state)
     mask = exp.method.eval_mask(state)
     acc, loss = evaluate(exp.net, exp.test_h, exp.test_y, mask)
     out: dict[str, Any] = {"accuracy": acc, "loss": loss}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..config import Config
 from ..masking import MaskedNetwork
 from .base import ClientContext, ClientData, ClientFailure, Method, Reply
+from .baselines import BASELINES
 from .masks import DeltaMask, FedPM, LinearProbe
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (DeltaMask, FedPM, LinearProbe)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DeltaMask, FedPM, LinearProbe, *BASELINES)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

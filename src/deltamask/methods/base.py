@@ -138,6 +138,14 @@ class Method(ABC):
         """The deterministic mask the global model is evaluated with (None: unmasked)."""
         return None
 
+    def prepare_eval(self, state: ServerState) -> None:
+        """Put the global model's trained (non-mask) parameters into the network before evaluation
+        (weight-training baselines); mask methods have none."""
+
+    def global_delta(self, state: ServerState) -> np.ndarray | None:
+        """The trained additive change of the N masked weights, for the model artifact (None: none)."""
+        return None
+
     def uses_masks(self) -> bool:
         return False
 

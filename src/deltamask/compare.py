@@ -1,0 +1,262 @@
+"""``deltamask compare``: run a suite of methods on one setup and tabulate accuracy against bits.
+
+A suite is a TOML file::
+
+    title = "optional"
+    [base]                 # keys shared by every run (any `deltamask config` key)
+    dataset = "fashion-mnist"
+    rounds = 10
+    [[runs]]               # one table per run: a unique name and the keys that differ
+    name = "deltamask"
+    method = "deltamask"
+    [[runs]]
+    name = "fedpm-ans"
+    method = "fedpm"
+    codec = "bernoulli-ans"
+
+Each run goes to ``OUT/runs/NAME`` (a normal run folder). The suite is resumable: a run whose
+``summary.json`` exists with the same config is skipped, an interrupted one is resumed from its
+state, and a finished run whose config changed is an error (delete its folder or rename the run).
+Outputs, read back from the runs' files only: ``comparison.csv``, ``comparison.md`` and
+``comparison.png`` (final accuracy against mean uplink bpp, log axis, one point per run: the shape of
+DeltaMask's Figure 1).
+
+Uplink bpp in the table is the mean over the *training* rounds (after the head warm-up, where the
+methods differ); the mean over all rounds and the downlink mean (all rounds) are reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, build_config
+from .metrics import read_jsonl
+
+COLUMNS = (
+    "name",
+    "method",
+    "final_accuracy",
+    "best_accuracy",
+    "uplink_bpp",
+    "uplink_bpp_all_rounds",
+    "downlink_bpp",
+    "uplink_bytes",
+    "downlink_bytes",
+    "total_bytes",
+    "wall_seconds",
+    "rounds",
+    "num_masked_params",
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
+    """(title, [(run name, validated config)]) from a suite file; every problem raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"suite file {str(p)!r} does not exist (see configs/suites/default.toml)")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"suite file {str(p)!r} is not valid TOML: {e}") from None
+    unknown = set(data) - {"title", "base", "runs"}
+    if unknown:
+        raise ConfigError(f"suite file {str(p)!r}: unknown top-level keys {sorted(unknown)}; expected title, [base], [[runs]]")
+    base = data.get("base", {})
+    runs = data.get("runs")
+    if not isinstance(base, dict):
+        raise ConfigError(f"suite file {str(p)!r}: [base] must be a table of config keys")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"suite file {str(p)!r}: needs at least one [[runs]] table with a name")
+    out: list[tuple[str, Config]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(runs, 1):
+        if not isinstance(r, dict) or "name" not in r:
+            raise ConfigError(f"suite file {str(p)!r}: run #{i} has no name")
+        name = str(r["name"])
+        if not _NAME.match(name):
+            raise ConfigError(f"suite file {str(p)!r}: run name {name!r} must be letters, digits, '.', '_', '-' (a folder name)")
+        if name in seen:
+            raise ConfigError(f"suite file {str(p)!r}: run name {name!r} is used twice")
+        seen.add(name)
+        keys = {**base, **{k: v for k, v in r.items() if k != "name"}}
+        try:
+            cfg = build_config(keys)
+        except ConfigError as e:
+            raise ConfigError(f"suite file {str(p)!r}, run {name!r}: {e}") from None
+        out.append((name, cfg))
+    return str(data.get("title", p.stem)), out
+
+
+def _same_config(saved: dict[str, Any], cfg: Config) -> bool:
+    ignore = {"progress", "device"}
+    a = {k: v for k, v in saved.items() if k not in ignore}
+    b = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ignore}
+    return a == b
+
+
+def run_one(name: str, cfg: Config, folder: Path, say: Any = print) -> str:
+    """Run, resume or skip one run of the suite; returns what was done."""
+    from .engines.local import run_local
+    from .state import STATE_FILE
+
+    summary = folder / "summary.json"
+    cfg_file = folder / "config.json"
+    if cfg_file.is_file():
+        saved = json.loads(cfg_file.read_text())
+        if not _same_config(saved, cfg):
+            raise ConfigError(
+                f"run {name!r}: {str(folder)!r} holds a run with a different config; delete that folder or rename the run"
+            )
+        if summary.is_file():
+            say(f"[compare] {name}: finished earlier, skipped")
+            return "skipped"
+        if (folder / STATE_FILE).is_file():
+            say(f"[compare] {name}: resuming")
+            run_local(cfg, folder, resume=True)
+            return "resumed"
+    say(f"[compare] {name}: running {cfg.method}")
+    run_local(cfg, folder)
+    return "ran"
+
+
+def collect_row(name: str, folder: Path) -> dict[str, Any]:
+    """One table row from a finished run's summary.json and metrics.jsonl."""
+    s = json.loads((folder / "summary.json").read_text())
+    recs = read_jsonl(folder / "metrics.jsonl")
+    train = [r for r in recs if r.get("phase") != "head"] or recs
+    up_train = [r["uplink_bpp"] for r in train if r.get("uplink_bpp") is not None]
+    up_b, down_b = int(s.get("total_uplink_bytes", 0)), int(s.get("total_downlink_bytes", 0))
+    return {
+        "name": name,
+        "method": s.get("method"),
+        "final_accuracy": s.get("final_accuracy"),
+        "best_accuracy": s.get("best_accuracy"),
+        "uplink_bpp": sum(up_train) / len(up_train) if up_train else None,
+        "uplink_bpp_all_rounds": s.get("mean_uplink_bpp"),
+        "downlink_bpp": s.get("mean_downlink_bpp"),
+        "uplink_bytes": up_b,
+        "downlink_bytes": down_b,
+        "total_bytes": up_b + down_b,
+        "wall_seconds": (s.get("wall_seconds") or 0.0) + (s.get("setup_seconds") or 0.0),
+        "rounds": s.get("rounds_completed"),
+        "num_masked_params": s.get("num_masked_params"),
+    }
+
+
+def _fmt(v: Any, key: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if key.endswith("accuracy"):
+        return f"{v:.4f}"
+    if key.endswith("bpp") or key.endswith("bpp_all_rounds"):
+        return f"{v:.4g}"
+    if key.endswith("bytes"):
+        return f"{int(v):,}"
+    if key == "wall_seconds":
+        return f"{v:.0f}"
+    return str(v)
+
+
+def write_outputs(out: Path, title: str, rows: list[dict[str, Any]]) -> list[Path]:
+    """comparison.csv, comparison.md and comparison.png from the collected rows."""
+    written = []
+    with open(out / "comparison.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+    written.append(out / "comparison.csv")
+    shown = ("name", "method", "final_accuracy", "best_accuracy", "uplink_bpp", "downlink_bpp", "total_bytes", "wall_seconds")
+    heads = ("run", "method", "final acc", "best acc", "mean uplink bpp (training rounds)", "mean downlink bpp", "total bytes (up+down)", "wall time (s)")
+    n = rows[0].get("num_masked_params") if rows else None
+    lines = [
+        f"# {title}",
+        "",
+        f"bpp = bits per maskable parameter (N = {n:,}), per client and round, from the real payload bytes." if n else "",
+        "",
+        "| " + " | ".join(heads) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(heads))) + "|",
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k in shown) + " |")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    written.append(out / "comparison.md")
+    written.append(plot_comparison(out / "comparison.png", title, rows))
+    return written
+
+
+def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
+    """Final accuracy against mean uplink bpp (log axis), one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in rows:
+        x, y = r.get("uplink_bpp"), r.get("final_accuracy")
+        if x is None or y is None or x <= 0:
+            continue
+        star = r.get("method") == "deltamask"
+        ax.scatter([x], [y], s=70 if star else 40, marker="*" if star else "o", zorder=3)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean uplink bits per parameter (training rounds, log scale)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_suite(suite: str | Path, out_dir: str | Path, only: list[str] | None = None, say: Any = None) -> list[dict[str, Any]]:
+    """Run (or resume / skip) every run of a suite, then write the comparison files; returns the rows."""
+    log = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    title, runs = load_suite(suite)
+    if only:
+        names = {n for n, _ in runs}
+        missing = [o for o in only if o not in names]
+        if missing:
+            raise ConfigError(f"--only names {missing} are not in the suite; valid: {', '.join(n for n, _ in runs)}")
+        runs = [(n, c) for n, c in runs if n in only]
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, cfg in runs:
+        t0 = time.time()
+        what = run_one(name, cfg, out / "runs" / name, log)
+        row = collect_row(name, out / "runs" / name)
+        rows.append(row)
+        log(
+            f"[compare] {name}: {what} in {time.time() - t0:.0f}s; final acc {_fmt(row['final_accuracy'], 'final_accuracy')}, "
+            f"uplink {_fmt(row['uplink_bpp'], 'uplink_bpp')} bpp, downlink {_fmt(row['downlink_bpp'], 'downlink_bpp')} bpp"
+        )
+    for p in write_outputs(out, title, rows):
+        log(f"[compare] wrote {p}")
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    run_suite(args.suite, args.out, args.only)
+    print((Path(args.out) / "comparison.md").read_text(), end="")
+    return 0
+
+
+def add_compare_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("compare", help="run a suite of methods on one setup; table and accuracy-vs-bpp plot")
+    p.add_argument("--suite", required=True, help="suite TOML: [base] shared keys and [[runs]] (see configs/suites/default.toml)")
+    p.add_argument("--out", required=True, help="output folder (runs/NAME per run, comparison.csv/.md/.png); rerun to resume")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this run of the suite (repeatable)")
+    p.set_defaults(func=cmd_compare)
