@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, tiny_config
+from dmtest import TINY, tiny_config
 from deltamask.cli import main
 from deltamask.compare import COLUMNS, load_suite, run_suite
 from deltamask.config import ConfigError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from dmtest import tiny_config
 from deltamask.codecs.quant import wire_bytes
 from deltamask.config import ConfigError
 from deltamask.engines.local import run_local

@@ -5,6 +5,7 @@ Import this package to populate the registry; look codecs up with :func:`get_cod
 
 from . import dense, exact, fuse  # noqa: F401  (registration side effects)
 from . import auto  # noqa: F401  (after the codecs it chooses among)
+from . import quant  # noqa: F401  (the baselines' compressors)
 from .base import (
     ArrayCodec,
     Codec,
