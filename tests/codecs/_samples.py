@@ -20,6 +20,10 @@ def golden_input(codec: Codec) -> dict[str, Any]:
         probs = rng.uniform(0.02, 0.98, GOLDEN_N).astype(np.float32)
         return {"mask": rng.random(GOLDEN_N) < probs, "probs": probs}
     if codec.kind == "array":
+        if codec.name == "i64":  # a small integer header vector (baselines' downlink)
+            return {"array": np.arange(-3, 5, dtype=np.int64)}
+        if codec.lossy:  # gradient compressors take a flat update vector
+            return {"array": rng.standard_normal(300).astype(np.float32)}
         return {"array": rng.standard_normal((3, 5)).astype(np.float32)}
     counts = rng.binomial(8, 0.4, GOLDEN_N)
     from deltamask.codecs.dense import theta_from_counts

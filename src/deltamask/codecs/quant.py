@@ -85,6 +85,7 @@ _QSGD_PARAMS = struct.Struct("<HI")
 @register
 class QSGDCodec(ArrayCodec):
     name = "qsgd"
+    lossy = True  # a compressor: the decoded vector estimates the input
     codec_id = 60
     description = "QSGD stochastic quantisation to s levels per bucket, ANS-coded levels (unbiased)"
     MAX_LEVELS = 1024
@@ -154,6 +155,7 @@ _SIGN_PARAMS = struct.Struct("<f")
 @register
 class SignCodec(ArrayCodec):
     name = "sign1"
+    lossy = True  # a compressor: the decoded vector estimates the input
     codec_id = 61
     description = "one sign bit per value and one f32 scale (signSGD / EF-signSGD), 1 bpp"
 
@@ -205,6 +207,7 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
 @register
 class TopKCodec(ArrayCodec):
     name = "topk"
+    lossy = True  # a compressor: the decoded vector estimates the input
     codec_id = 62
     description = "the k largest-magnitude values: Rice-coded indices + float16 values"
 
@@ -363,6 +366,7 @@ def _read_scales(c: Any, nblocks: int, name: str) -> np.ndarray:
 @register
 class DriveCodec(ArrayCodec):
     name = "drive"
+    lossy = True  # a compressor: the decoded vector estimates the input
     codec_id = 63
     description = "DRIVE: randomized Hadamard rotation, 1 sign bit per coordinate, one scale per block"
 
@@ -409,6 +413,7 @@ class DriveCodec(ArrayCodec):
 @register
 class EdenCodec(ArrayCodec):
     name = "eden"
+    lossy = True  # a compressor: the decoded vector estimates the input
     codec_id = 64
     description = "EDEN: rotation + Lloyd-Max quantisation with an unbiased scale; sub-bit by random sub-sampling"
     MAX_BITS = 8
