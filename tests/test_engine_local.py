@@ -108,7 +108,7 @@ def test_artifact_rebuilds_the_evaluated_model(tmp_path) -> None:
 
     cfg = tiny_config(rounds=2)
     run_local(cfg, tmp_path)
-    torch.manual_seed(cfg.seed)  # the random-init backbone is rebuilt from the same seed
+    torch.manual_seed(cfg.seed + 12345)  # load_artifact reseeds a random-init backbone from the run's seed
     model = load_artifact(tmp_path / "model.safetensors")
     ds = subsample(load_dataset("digits", seed=cfg.seed), cfg.train_samples, cfg.test_samples, cfg.seed)
     pred = model.predict(ds.x_test)

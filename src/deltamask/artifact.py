@@ -81,6 +81,7 @@ def save_artifact(path: str | Path, exp: Any, state: Any) -> Path:
         "std": list(exp.net.loaded.std),
         "method": cfg.method,
         "rounds": state.round,
+        "seed": cfg.seed,
     }
     p = Path(path)
     tmp = p.with_suffix(".tmp")
@@ -105,7 +106,10 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"model artifact {str(p)!r} is damaged or not a deltamask model ({type(e).__name__}: {e})") from None
-    loaded = load_model(meta["model"], weights if weights is not None else meta["weights"], pretrained_online=True)
+    backbone_weights = weights if weights is not None else meta["weights"]
+    if backbone_weights == "random":  # a randomly initialised backbone is rebuilt from the run's seed
+        torch.manual_seed(int(meta.get("seed", 0)))
+    loaded = load_model(meta["model"], backbone_weights, pretrained_online=True)
     w = tensors["head.weight"]
     net = MaskedNetwork(loaded, w.shape[0], meta["masked_blocks"], meta["mask_pattern"])
     if net.num_masked != meta["num_masked"]:

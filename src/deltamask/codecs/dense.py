@@ -192,6 +192,8 @@ class ProbsCountsCodec(ProbsCodec):
 
     #: The statistic, eps and prior that turn counts into probabilities; the server sets them.
     def __init__(self, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)) -> None:
+        if stat not in _STAT_IDS:
+            raise ValueError(f"unknown posterior statistic {stat!r}; valid: {', '.join(_STAT_IDS)}")
         self.stat, self.eps, self.prior = stat, eps, prior
 
     def applicable(self, counts: np.ndarray | None, total: int | None) -> bool:
