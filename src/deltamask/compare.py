@@ -27,6 +27,8 @@ methods differ); the mean over all rounds and the downlink mean (all rounds) are
 
 from __future__ import annotations
 
+import textwrap
+
 import argparse
 import csv
 import json
@@ -214,7 +216,7 @@ def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
     ax.set_xlabel("mean uplink bits per parameter (training rounds, log scale)")
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)  # long suite titles must fit the figure
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
