@@ -26,7 +26,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 @dataclass(frozen=True)
 class Config:
     # --- experiment ---
-    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe (`deltamask config` lists all)")
+    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe, or a baseline: fedavg, qsgd, signsgd, topk, drive, eden, lora")
     model: str = _f(
         "efficientnet_lite0",
         "backbone spec: efficientnet_lite0 (built-in, offline), timm:NAME, torchvision:NAME, hf:ID_OR_PATH",
