@@ -56,7 +56,8 @@ class Experiment:
     net: MaskedNetwork
     method: Method
     dataset: data_mod.ImageDataset
-    partitions: list[np.ndarray]
+    partitions: list[np.ndarray]  # per client, indices into train_h (empty for clients not loaded here)
+    client_sizes: list[int]  # per client, samples in the federation's split (whichever clients are loaded)
     train_h: torch.Tensor
     train_y: torch.Tensor
     test_h: torch.Tensor
@@ -76,9 +77,9 @@ class Experiment:
             "num_masked_params": self.net.num_masked,
             "num_backbone_params": self.net.num_backbone_params,
             "num_classes": self.dataset.num_classes,
-            "num_train": int(self.train_y.shape[0]),
+            "num_train": int(len(self.dataset.y_train)),
             "num_test": int(self.test_y.shape[0]),
-            "client_sizes": [int(len(p)) for p in self.partitions],
+            "client_sizes": self.client_sizes,
             "image_size": self.image_size,
             "device": str(self.device),
             "masked_params": self.net.masked_names,
@@ -98,6 +99,7 @@ def build_experiment(cfg: Config, status: Callable[[str], None] | None = None, c
     ds = data_mod.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir or None)
     ds = data_mod.subsample(ds, cfg.train_samples or None, cfg.test_samples or None, cfg.seed)
     parts = data_mod.partition(ds.y_train, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed, cfg.min_partition_size)
+    client_sizes = [int(len(p)) for p in parts]
     net = MaskedNetwork(loaded, ds.num_classes, cfg.masked_blocks, cfg.mask_pattern).to(device)
     size = cfg.image_size or loaded.input_size
     say(f"caching prefix outputs ({net.first_masked_stage} frozen stages) at {size}px")
@@ -119,6 +121,7 @@ def build_experiment(cfg: Config, status: Callable[[str], None] | None = None, c
         method=method,
         dataset=ds,
         partitions=parts,
+        client_sizes=client_sizes,
         train_h=train_h,
         train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
         test_h=test_h,

@@ -14,31 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ... import data as data_mod
-from ...experiment import Experiment, build_experiment
+from ...experiment import build_experiment
 from ...metrics import write_json
 from ..common import Progress, finish_run, write_config
 from .settings import resolve
 from .strategy import DeltaMaskStrategy
 
 log = logging.getLogger("deltamask")
-
-
-def _federation_view(exp: Experiment) -> None:
-    """Give the server's experiment the true partition sizes (for ``summary.json``).
-
-    ``build_experiment(clients=[])`` keeps no training data, so its partitions are empty; the split
-    itself is a pure function of the labels and the config, so the server recomputes it. Only sizes
-    and labels are kept: the server never calls ``client_data``.
-    """
-    cfg = exp.cfg
-    exp.partitions = data_mod.partition(exp.dataset.y_train, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed, cfg.min_partition_size)
-    exp.train_y = torch.from_numpy(np.asarray(exp.dataset.y_train, dtype=np.int64))
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -50,8 +35,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     (out / "metrics.jsonl").write_text("")
     write_config(out, cfg)
     progress = Progress(cfg.progress, cfg.rounds)
-    exp = build_experiment(cfg, progress.say, clients=[])
-    _federation_view(exp)
+    exp = build_experiment(cfg, progress.say, clients=[])  # the test set only; describe() still knows the split
     progress.say(
         f"{cfg.method} on {cfg.model} / {cfg.dataset} over Flower: N={exp.net.num_masked:,} masked of "
         f"{exp.net.num_backbone_params:,} backbone params, {cfg.num_clients} clients, {cfg.clients_per_round}/round -> {out}"
