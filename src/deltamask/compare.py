@@ -27,20 +27,18 @@ methods differ); the mean over all rounds and the downlink mean (all rounds) are
 
 from __future__ import annotations
 
-import textwrap
-
 import argparse
 import csv
 import json
 import math
 import re
 import sys
+import textwrap
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, build_config
+from .config import Config, ConfigError, build_config, read_toml
 from .metrics import read_jsonl
 
 COLUMNS = (
@@ -64,12 +62,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
     """(title, [(run name, validated config)]) from a suite file; every problem raises ConfigError."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"suite file {str(p)!r} does not exist (see configs/suites/default.toml)")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"suite file {str(p)!r} is not valid TOML: {e}") from None
+    data = read_toml(p, "suite file", " (see configs/suites/default.toml)")
     unknown = set(data) - {"title", "base", "runs"}
     if unknown:
         raise ConfigError(f"suite file {str(p)!r}: unknown top-level keys {sorted(unknown)}; expected title, [base], [[runs]]")

@@ -187,15 +187,21 @@ def build_config(
     return cfg
 
 
+def read_toml(path: str | Path, what: str = "config file", hint: str = "") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file raises ConfigError naming ``what`` and the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist{hint}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {str(p)!r} is not valid TOML: {e}") from None
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a preset; a ``[deltamask]`` table is accepted as well as top-level keys."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    data = read_toml(p)
     if "deltamask" in data and isinstance(data["deltamask"], dict):
         data = data["deltamask"]
     for k, v in data.items():
