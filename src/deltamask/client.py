@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,35 @@ class TrainResult:
 def _batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=g)
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def run_epochs(
+    net: MaskedNetwork,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    batch_size: int,
+    shuffle_gen: torch.Generator,
+    before_forward: Callable[[], None],
+) -> tuple[float, int]:
+    """The local loop every trained method shares: shuffled mini-batches of prefix outputs, cross-entropy
+    of the network's logits, one optimizer step each. ``before_forward`` sets what varies per step (a
+    fresh sampled mask, the current weight change). Returns (mean loss, steps)."""
+    total, steps = 0.0, 0
+    dev = net.scores.device
+    for _ in range(epochs):
+        for idx in _batches(h.shape[0], batch_size, shuffle_gen):
+            xb, yb = h[idx].to(dev), y[idx].to(dev)
+            before_forward()
+            loss = F.cross_entropy(net.forward_from_prefix(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    return total / max(steps, 1), steps
 
 
 def train_scores(
@@ -56,25 +86,17 @@ def train_scores(
         params.append({"params": list(net.head.parameters()), "lr": head_lr})
     opt = torch.optim.Adam(params)
     net.train()
-    total, steps = 0.0, 0
-    dev = net.scores.device
-    for _ in range(epochs):
-        for idx in _batches(h.shape[0], batch_size, shuffle_gen):
-            xb, yb = h[idx].to(dev), y[idx].to(dev)
-            net.use_sampled_mask(mask_gen)
-            loss = F.cross_entropy(net.forward_from_prefix(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
+    mean_loss, steps = run_epochs(
+        net, h, y, opt, epochs=epochs, batch_size=batch_size, shuffle_gen=shuffle_gen,
+        before_forward=lambda: net.use_sampled_mask(mask_gen),
+    )
     net.use_fixed_mask(None)
     net.scores.requires_grad_(False)
     net.head.requires_grad_(False)
     net.eval()
     with torch.no_grad():
         theta = torch.sigmoid(net.scores).clamp(eps, 1 - eps).clone()
-    return TrainResult(theta, total / max(steps, 1), steps)
+    return TrainResult(theta, mean_loss, steps)
 
 
 def train_head(

@@ -36,12 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import seeding
-from ..client import _batches
+from ..client import run_epochs
 from ..codecs import CodecError, codec_of, get_codec
-from ..codecs import quant  # noqa: F401  (registers the baseline codecs)
 from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
 from ..server import ServerState, fedavg
@@ -268,20 +266,13 @@ class WeightMethod(_HeadRounds):
         opt = torch.optim.Adam([vt], lr=self.cfg.weight_lr)
         g = seeding.generator(ctx.seed, ctx.round, ctx.client_id, "shuffle")
         net.train()
-        total, steps = 0.0, 0
         try:
-            for _ in range(self.cfg.local_epochs):
-                for idx in _batches(data.h.shape[0], self.cfg.batch_size, g):
-                    xb, yb = data.h[idx].to(dev), data.y[idx].to(dev)
-                    net.use_weight_delta(self.to_delta(vt))
-                    loss = F.cross_entropy(net.forward_from_prefix(xb), yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach())
-                    steps += 1
+            mean_loss, _ = run_epochs(
+                net, data.h, data.y, opt, epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size,
+                shuffle_gen=g, before_forward=lambda: net.use_weight_delta(self.to_delta(vt)),
+            )
         finally:
             net.use_weight_delta(None)
             net.eval()
         u = (vt.detach() - v0).cpu().numpy().astype(np.float32)
-        return u, total / max(steps, 1)
+        return u, mean_loss
