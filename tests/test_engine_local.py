@@ -85,7 +85,7 @@ def test_crashing_client_is_dropped_and_run_finishes(tmp_path) -> None:
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     r2 = recs[1]
     assert r2["num_replies"] == 2
-    assert r2["failures"] == [{"client": 0, "reason": "RuntimeError: simulated crash"}]
+    assert r2["failures"] == [{"client": 0, "reason": "RuntimeError: simulated crash", "kind": "error"}]
     assert s["rounds_completed"] == 3
     # the crashed client lost its cache: next round it gets theta and head again
     assert recs[2]["failures"] == []

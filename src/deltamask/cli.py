@@ -21,6 +21,9 @@ from typing import Any, Callable
 from .config import ConfigError, build_config, describe, from_sources, parse_sets
 
 EXIT_USER_ERROR = 2
+#: a run that started but failed (too many rounds without an update, no node joined): summary.json says why
+EXIT_RUN_FAILED = 1
+DEFAULT_OUT = "runs/latest"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -41,10 +44,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume uses the run's saved config; do not pass --config")
         cfg = resume_config(Path(args.resume), parse_sets(args.set or []))
         out = Path(args.resume)
+        overwrite = False
     else:
-        cfg = from_sources(args.config, args.set)
-        out = Path(args.out)
-    summary = run_local(cfg, out, resume=bool(args.resume))
+        cfg, engine = from_sources(args.config, args.set, with_engine=True)
+        out = Path(args.out or engine.get("out_dir") or DEFAULT_OUT)
+        # runs/latest is the scratch folder, replaced by every run; a named folder is kept unless asked
+        overwrite = args.overwrite or out == Path(DEFAULT_OUT)
+    summary = run_local(cfg, out, resume=bool(args.resume), overwrite=overwrite)
     fa, bu = summary.get("final_accuracy"), summary.get("mean_uplink_bpp")
     print(
         f"{cfg.method}: final accuracy {fa:.4f} (best {summary.get('best_accuracy', 0):.4f}), "
@@ -108,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a federated experiment (defaults: DeltaMask, EfficientNet-Lite0, Fashion-MNIST)")
     r.add_argument("--config", help="TOML preset (see configs/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    r.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
+    r.add_argument("--out", default=None, help=f"output folder (default: the preset's out-dir, else {DEFAULT_OUT}, which every run replaces)")
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (otherwise a named folder holding a run is refused)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("config", help="list every config key with its default and meaning")
@@ -151,6 +158,8 @@ def _optional(module: str, attr: str) -> Callable[[Any], None] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import RunFailed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -163,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         return EXIT_USER_ERROR
+    except RunFailed as e:
+        print(f"deltamask: run failed: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("deltamask: interrupted; resume with `deltamask run --resume DIR`", file=sys.stderr)
         return 130

@@ -19,6 +19,17 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and how to fix it."""
 
 
+#: method names ``method=`` accepts: the built-ins, plus plug-ins added by
+#: :func:`deltamask.methods.register_method` (this module imports no method: methods build on it;
+#: ``tests/test_config.py`` checks this list against the method registry)
+METHOD_NAMES: list[str] = ["deltamask", "fedpm", "linear-probe", "fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora"]
+
+
+def register_method_name(name: str) -> None:
+    if name not in METHOD_NAMES:
+        METHOD_NAMES.append(name)
+
+
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -48,6 +59,7 @@ class Config:
     min_partition_size: int = _f(20, "minimum samples per client for the Dirichlet split")
     weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation")
     min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
+    max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too")
     # --- local training ---
     local_epochs: int = _f(1, "local epochs per round (E)")
     batch_size: int = _f(64, "local mini-batch size")
@@ -67,7 +79,6 @@ class Config:
     kappa: float = _f(0.3, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first")
     kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
     kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
-    reference: str = _f("threshold", "reference mask r computed from theta_g", ("threshold",))
     # --- codecs ---
     codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")
     downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact, else q8), probs-counts, probs-q8, probs-f32")
@@ -139,9 +150,7 @@ def _validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r}: {msg}")
 
-    from .methods import METHODS  # late import: methods build on this module
-
-    need(cfg.method in METHODS, "method", f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
+    need(cfg.method in METHOD_NAMES, "method", f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHOD_NAMES))}")
     from .codecs import available_codecs
 
     uplink = sorted(set(available_codecs("indices") + available_codecs("mask") + ["auto"]))
@@ -164,6 +173,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")
     need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")
     need(cfg.min_replies >= 1, "min_replies", "must be >= 1")
+    need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
 
 
@@ -210,6 +220,39 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: engine keys: where and how a run executes, never what it computes. Flower's ``run_config`` takes
+#: them beside the experiment keys, and a preset may hold them too (``deltamask run --config`` uses
+#: ``out-dir``; the others steer the Flower engine only). (default, help)
+ENGINE_KEYS: dict[str, tuple[Any, str]] = {
+    "out-dir": ("", "where the run is written; Flower: an absolute path (empty: ~/deltamask-runs/flower-RUN_ID)"),
+    "round-timeout": (600.0, "Flower: seconds the server waits for a round's replies; a client not back by then is dropped"),
+    "node-wait-timeout": (120.0, "Flower: seconds the server waits before round 1 for num-clients nodes; none at all fails the run"),
+    "resume": (False, "Flower: continue the interrupted run in out-dir (locally: deltamask run --resume DIR)"),
+    "overwrite": (False, "replace a run already in out-dir (otherwise it is refused)"),
+}
+
+
+def split_engine_keys(items: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(experiment keys, engine keys with snake_case names and their declared types)."""
+    exp: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
+    for key, value in items.items():
+        k = key.strip().replace("_", "-")
+        if k not in ENGINE_KEYS:
+            exp[key] = value
+            continue
+        default = ENGINE_KEYS[k][0]
+        try:
+            if isinstance(default, bool) and isinstance(value, str):
+                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.strip().lower() in ("true", "1", "yes")
+            engine[k.replace("-", "_")] = type(default)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"engine key {key!r} expects {type(default).__name__}, got {value!r}") from None
+    return exp, engine
+
+
 def parse_sets(items: list[str]) -> dict[str, str]:
     """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; a missing ``=`` is an error."""
     out: dict[str, str] = {}
@@ -221,10 +264,13 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
-def from_sources(toml_path: str | None = None, sets: list[str] | None = None) -> Config:
-    """Defaults <- TOML preset <- ``--set`` overrides."""
-    cfg = build_config(load_toml(toml_path)) if toml_path else Config()
-    return build_config(parse_sets(sets or []), base=cfg, from_strings=True)
+def from_sources(toml_path: str | None = None, sets: list[str] | None = None, with_engine: bool = False) -> Any:
+    """Defaults <- TOML preset <- ``--set`` overrides. A preset may hold engine keys
+    (:data:`ENGINE_KEYS`); ``with_engine=True`` returns ``(config, engine keys)``."""
+    preset, engine = split_engine_keys(load_toml(toml_path)) if toml_path else ({}, {})
+    cfg = build_config(preset) if toml_path else Config()
+    cfg = build_config(parse_sets(sets or []), base=cfg, from_strings=True)
+    return (cfg, engine) if with_engine else cfg
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

@@ -8,9 +8,6 @@ import hashlib
 import numpy as np
 import torch
 
-PURPOSES = ("select", "shuffle", "mask-train", "mask-sample", "eval-sample", "split", "partition", "filter-seed", "compress")
-
-
 def derive_seed(seed: int, round_: int = 0, client: int = -1, purpose: str = "") -> int:
     """A 63-bit seed from the tuple; stable across platforms and Python versions."""
     h = hashlib.blake2b(f"{seed}|{round_}|{client}|{purpose}".encode(), digest_size=8).digest()

@@ -34,7 +34,11 @@ def _json_default(o: Any) -> Any:
 
 
 def save_state(
-    directory: str | Path, state: ServerState, client_states: dict[int, dict[str, Any]], config: dict[str, Any]
+    directory: str | Path,
+    state: ServerState,
+    client_states: dict[int, dict[str, Any]],
+    config: dict[str, Any],
+    engine: str = "local",
 ) -> Path:
     from safetensors.numpy import save_file
 
@@ -69,6 +73,7 @@ def save_state(
         "client_theta_version": {str(k): v for k, v in state.client_theta_version.items()},
         "client_scalars": client_scalars,
         "config": config,
+        "engine": engine,
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     tmp = d / (STATE_FILE + ".tmp")
@@ -80,8 +85,9 @@ def save_state(
     return final
 
 
-def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, Any]], dict[str, Any]]:
-    """(server state, client states, saved config) from ``directory``; raises :class:`StateError`."""
+def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, Any]], dict[str, Any], str]:
+    """(server state, client states, saved config, engine that wrote it) from ``directory``;
+    raises :class:`StateError`."""
     from safetensors import safe_open
 
     path = Path(directory) / STATE_FILE
@@ -124,4 +130,4 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
                 clients.setdefault(int(cid), {})[key] = v
     except (KeyError, ValueError, TypeError) as e:
         raise StateError(f"run state {str(path)!r} is incomplete ({e}); delete the output folder and start again") from None
-    return state, clients, meta["config"]
+    return state, clients, meta["config"], str(meta.get("engine", "local"))

@@ -83,7 +83,7 @@ def _round(method, state, rnd: int, clients: list[int], exp, cstates: dict) -> l
         replies.append(method.client_update(down, exp.client_data(cid), ctx))
         np.testing.assert_array_equal(ctx.state["v"], v_before)
     info = method.aggregate(state, replies, rnd)
-    assert not info.get("dropped")
+    assert not info.dropped
     return modes
 
 

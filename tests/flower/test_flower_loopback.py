@@ -56,12 +56,13 @@ def test_parity_with_local_engine(tmp_path) -> None:
 
 def test_raising_malformed_and_silent_clients_are_dropped(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="deltamask")
-    defaults = {**TINY, "rounds": 2, "clients-per-round": 3, "min-replies": 2, "out-dir": str(tmp_path), "node-wait-timeout": 0}
+    defaults = {**TINY, "rounds": 2, "clients-per-round": 3, "min-replies": 2, "out-dir": str(tmp_path), "node-wait-timeout": 0,
+                "round-timeout": 2.0}
     fault = ScriptedFault(((1, 0, "raise"), (2, 1, "malformed")))
     grid = LoopbackGrid(make_client_app(defaults, fault=fault), 3, lose=[(2, 2)])
     summary = run_server(grid, {}, defaults)
     r1, r2 = read_jsonl(tmp_path / "metrics.jsonl")
-    assert r1["failures"] == [{"client": 0, "reason": "RuntimeError: scripted fault: client 0 raises in round 1"}]
+    assert r1["failures"] == [{"client": 0, "reason": "RuntimeError: scripted fault: client 0 raises in round 1", "kind": "error", "node": 1000}]
     assert r1["num_aggregated"] == 2 and not r1["skipped_update"]
     reasons = {f["client"]: f["reason"] for f in r2["failures"]}
     assert set(reasons) == {1, 2}

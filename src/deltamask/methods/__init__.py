@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import Config, ConfigError, register_method_name
 from ..masking import MaskedNetwork
-from .base import ClientContext, ClientData, ClientFailure, Method, Reply
+from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Method, Reply
 from .baselines import BASELINES
 from .masks import DeltaMask, FedPM, LinearProbe
 
@@ -16,14 +16,15 @@ def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise TypeError(f"method {cls.name!r} is already registered")
     METHODS[cls.name] = cls
+    register_method_name(cls.name)
     return cls
 
 
 def create_method(cfg: Config, net: MaskedNetwork) -> Method:
     cls = METHODS.get(cfg.method)
     if cls is None:
-        raise KeyError(f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"config key 'method': unknown method {cfg.method!r}; valid: {', '.join(sorted(METHODS))}")
     return cls(cfg, net)
 
 
-__all__ = ["METHODS", "ClientContext", "ClientData", "ClientFailure", "Method", "Reply", "create_method", "register_method"]
+__all__ = ["METHODS", "Aggregation", "ClientContext", "ClientData", "ClientFailure", "Failure", "Method", "Reply", "create_method", "register_method"]

@@ -96,11 +96,56 @@ class ClientFailure(RuntimeError):
     """A client could not produce a valid reply (dropped from the round with this reason)."""
 
 
+#: why a client's round failed (``Failure.kind``)
+FAILURE_KINDS = (
+    "error",  # the client's update raised (its reason is the exception)
+    "timeout",  # no reply within the round timeout
+    "node-lost",  # the transport reports the node gone (Flower: node unavailable)
+    "transport",  # the transport could not deliver or the reply could not be unpacked
+    "malformed",  # the reply arrived but its payload does not decode
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A selected client that contributed nothing this round, and why."""
+
+    client: int
+    reason: str
+    kind: str = "error"
+    node: int | None = None  # the transport's node id, where there is one
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {self.kind!r}; valid: {', '.join(FAILURE_KINDS)}")
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"client": self.client, "reason": self.reason, "kind": self.kind}
+        if self.node is not None:
+            out["node"] = self.node
+        return out
+
+
+@dataclass
+class Aggregation:
+    """What :meth:`Method.aggregate` did with one round's replies."""
+
+    phase: str  # "head", "mask", "weights", ...
+    num_good: int  # replies that decoded and entered the update
+    dropped: list[Failure] = field(default_factory=list)  # replies that arrived but did not decode
+    skipped: bool = False  # fewer than min_replies good replies: the state was left alone
+    #: per-client statistics of the good replies (bits, bpp, codec, bound_bits, ...)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+
 class Method(ABC):
     """A federated method: what goes down, what the client computes and sends up, how the server aggregates."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: True when clients keep state the server cannot re-send (e.g. error-feedback buffers): a run
+    #: whose clients lost that state cannot be resumed to the same result
+    client_memory: bool = False
 
     def __init__(self, cfg: Config, net: MaskedNetwork) -> None:
         self.cfg = cfg
@@ -123,8 +168,12 @@ class Method(ABC):
         """Decode the downlink, train locally, encode the reply (client side)."""
 
     @abstractmethod
-    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
-        """Decode replies and update ``state`` in place; returns per-round info for the metrics."""
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
+        """Decode replies and update ``state`` in place."""
+
+    def record_fields(self, agg: Aggregation, replies: list[Reply]) -> dict[str, Any]:
+        """This method's own fields in the round's metrics line (beside the driver's generic ones)."""
+        return {}
 
     def delivered(self, state: ServerState, client_id: int, ok: bool) -> None:
         """Called after a client's round: on failure the server forgets what it believed the client held."""

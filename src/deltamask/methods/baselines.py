@@ -98,6 +98,7 @@ class SignSGD(WeightMethod):
         super().__init__(cfg, net)
         self.codec = SignCodec()
         self.mode = cfg.signsgd_mode
+        self.client_memory = self.mode == "ef"  # error-feedback buffers live on the clients
 
     def compress(self, u, ctx):  # type: ignore[no-untyped-def]
         if self.mode == "vote":
@@ -132,6 +133,7 @@ class SignSGD(WeightMethod):
 class TopK(WeightMethod):
     name = "topk"
     description = "Top-k sparsification with error feedback: Rice-coded indices, fp16 values"
+    client_memory = True  # error-feedback buffers live on the clients
 
     def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
         super().__init__(cfg, net)

@@ -27,7 +27,7 @@ from ..codecs import CodecError, IndexCodec, MaskCodec, codec_of, get_codec, log
 from ..codecs.dense import ProbsCountsCodec
 from ..config import ConfigError
 from ..server import MaskAggregator, ServerState, fedavg, posterior
-from .base import ClientContext, ClientData, ClientFailure, Method, Reply, join_bundle, kappa_at, parts_by_kind
+from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Method, Reply, join_bundle, kappa_at, parts_by_kind
 
 
 def _bits(b: bytes) -> int:
@@ -65,23 +65,22 @@ class _HeadRounds(Method):
         payload = self.encode_head(w2.cpu().numpy(), b2.cpu().numpy())
         return Reply(ctx.client_id, payload, data.num_samples, {"train_loss": loss})
 
-    def head_round_aggregate(self, state: ServerState, replies: list[Reply]) -> dict[str, Any]:
+    def head_round_aggregate(self, state: ServerState, replies: list[Reply]) -> Aggregation:
         heads, weights, dropped = [], [], []
         for r in replies:
             try:
                 heads.append(self.decode_head(r.payload))
                 weights.append(r.num_samples if self.cfg.weighted else 1.0)
             except CodecError as e:
-                dropped.append({"client": r.client_id, "reason": f"malformed head payload: {e}"})
-        info: dict[str, Any] = {"phase": "head", "dropped": dropped, "num_good": len(heads)}
+                dropped.append(Failure(r.client_id, f"malformed head payload: {e}", "malformed"))
+        agg = Aggregation("head", len(heads), dropped)
         if len(heads) < self.cfg.min_replies:
-            info["skipped"] = True
-            return info
+            agg.skipped = True
+            return agg
         state.head_weight = fedavg([h[0] for h in heads], weights)
         state.head_bias = fedavg([h[1] for h in heads], weights)
         state.head_version += 1
-        info["uplink_payload_bits"] = [_bits(r.payload) for r in replies]
-        return info
+        return agg
 
 
 class LinearProbe(_HeadRounds):
@@ -94,7 +93,7 @@ class LinearProbe(_HeadRounds):
     def client_update(self, downlink: bytes, data: ClientData, ctx: ClientContext) -> Reply:
         return self.head_round_client(parts_by_kind(downlink), data, ctx, None, None)
 
-    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         return self.head_round_aggregate(state, replies)
 
 
@@ -208,12 +207,12 @@ class MaskMethod(_HeadRounds):
         raise NotImplementedError
 
     # --- server --------------------------------------------------------------------------------------
-    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         if self.is_head_round(round_):
             return self.head_round_aggregate(state, replies)
         agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted)
         per_client: list[dict[str, Any]] = []
-        dropped: list[dict[str, Any]] = []
+        dropped: list[Failure] = []
         heads, head_w = [], []
         for r in replies:
             try:
@@ -228,7 +227,7 @@ class MaskMethod(_HeadRounds):
                     heads.append(self.decode_head(parts["array"]))
                     head_w.append(r.num_samples if self.cfg.weighted else 1.0)
             except (CodecError, ValueError) as e:
-                dropped.append({"client": r.client_id, "reason": f"malformed payload: {e}"})
+                dropped.append(Failure(r.client_id, f"malformed payload: {e}", "malformed"))
                 continue
             if "num_keys" in r.metrics and "num_members" in stats:  # simulator truth: count false positives
                 stats["false_positives"] = stats["num_members"] - r.metrics["num_keys"]
@@ -236,9 +235,9 @@ class MaskMethod(_HeadRounds):
             stats.update({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(mask_part).name})
             per_client.append(stats)
             agg.add(m_hat, r.num_samples)
-        info: dict[str, Any] = {"phase": "mask", "dropped": dropped, "num_good": len(per_client), "clients": per_client}
+        info = Aggregation("mask", len(per_client), dropped, clients=per_client)
         if len(per_client) < self.cfg.min_replies:
-            info["skipped"] = True
+            info.skipped = True
             return info
         state.alpha, state.beta = agg.finish()
         state.counts = agg.counts.copy() if agg.counts_exact else None
@@ -253,6 +252,22 @@ class MaskMethod(_HeadRounds):
             state.head_bias = fedavg([h[1] for h in heads], head_w)
             state.head_version += 1
         return info
+
+    def record_fields(self, agg: Aggregation, replies: list[Reply]) -> dict[str, Any]:
+        """Filter false positives (simulator truth), bits per key, keys sent and kappa."""
+        out: dict[str, Any] = {}
+        if not agg.clients:
+            return out
+        fps = [c["false_positives"] for c in agg.clients if "false_positives" in c]
+        out["false_positives"] = int(sum(fps)) if fps else 0
+        bpk = [c["bits_per_key"] for c in agg.clients if "bits_per_key" in c]
+        if bpk:
+            out["bits_per_key"] = float(np.mean(bpk))
+        keys = [r.metrics["num_keys"] for r in replies if "num_keys" in r.metrics]
+        if keys:
+            out["mean_keys"] = float(np.mean(keys))
+            out["kappa"] = float(replies[0].metrics.get("kappa", np.nan))
+        return out
 
 
 class FedPM(MaskMethod):

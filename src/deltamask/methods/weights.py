@@ -43,7 +43,7 @@ from ..codecs import CodecError, codec_of, get_codec
 from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
 from ..server import ServerState, fedavg
-from .base import ClientContext, ClientData, ClientFailure, Reply, join_bundle, split_bundle
+from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, join_bundle, split_bundle
 from .masks import _HeadRounds
 
 MODE_NONE, MODE_UPDATES, MODE_DENSE = 0, 1, 2
@@ -174,7 +174,7 @@ class WeightMethod(_HeadRounds):
                     del state.extra[old]
                 break
 
-    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> dict[str, Any]:
+    def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         if self.is_head_round(round_):
             return self.head_round_aggregate(state, replies)
         ests, weights, good, per_client, dropped = [], [], [], [], []
@@ -182,15 +182,15 @@ class WeightMethod(_HeadRounds):
             try:
                 est = self.decompress(r.payload)
             except (CodecError, ValueError) as e:
-                dropped.append({"client": r.client_id, "reason": f"malformed payload: {e}"})
+                dropped.append(Failure(r.client_id, f"malformed payload: {e}", "malformed"))
                 continue
             ests.append(est)
             weights.append(r.num_samples if self.cfg.weighted else 1.0)
             good.append(r)
             per_client.append({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(r.payload).name})
-        info: dict[str, Any] = {"phase": "weights", "dropped": dropped, "num_good": len(ests), "clients": per_client}
+        info = Aggregation("weights", len(ests), dropped, clients=per_client)
         if len(ests) < self.cfg.min_replies:
-            info["skipped"] = True
+            info.skipped = True
             return info
         g = self.server_update(ests, weights, good, round_)
         payload = self.encode_update(g, round_)
@@ -199,9 +199,18 @@ class WeightMethod(_HeadRounds):
         state.theta_version += 1
         state.extra[f"{HIST_PREFIX}{state.theta_version}"] = np.frombuffer(payload, np.uint8).copy()
         self._prune_history(state)
-        info["global_update_bits"] = _bits(payload)
-        info["global_update_norm"] = float(np.linalg.norm(g_hat))
+        self._last_update = {"global_update_bits": _bits(payload), "global_update_norm": float(np.linalg.norm(g_hat))}
         return info
+
+    def record_fields(self, agg: Aggregation, replies: list[Reply]) -> dict[str, Any]:
+        """Size and norm of the global update broadcast after this round (weight rounds only)."""
+        out: dict[str, Any] = {}
+        keys = [r.metrics["num_keys"] for r in replies if "num_keys" in r.metrics]
+        if keys:  # sparsifiers (topk): coordinates sent per client
+            out["mean_keys"] = float(np.mean(keys))
+        if agg.phase == "weights" and not agg.skipped:
+            out.update(self._last_update)
+        return out
 
     # --- client ------------------------------------------------------------------------------------------
     def _client_vector(self, downlink: bytes, ctx: ClientContext) -> tuple[np.ndarray, int]:

@@ -1,5 +1,6 @@
-"""deltamask on Flower (flwr >= 1.42, Message API): ServerApp, ClientApp and a Strategy that only
-packs, sends, collects and unpacks the core's codec bytes. The only package that imports flwr.
+"""deltamask on Flower (flwr >= 1.42, Message API): a ServerApp that runs the core's round driver over a
+Flower transport (which only packs, sends, collects and unpacks codec bytes) and a ClientApp. The only
+package that imports flwr.
 
     from deltamask.engines.flower import make_server_app, make_client_app
     # flwr run: serverapp = "deltamask.engines.flower.server_app:app"
@@ -11,6 +12,6 @@ from __future__ import annotations
 from .client_app import make_client_app
 from .server_app import make_server_app, run_server
 from .settings import FLOWER_KEYS, FlowerSettings, resolve
-from .strategy import DeltaMaskStrategy
+from .transport import FlowerTransport
 
-__all__ = ["FLOWER_KEYS", "DeltaMaskStrategy", "FlowerSettings", "make_client_app", "make_server_app", "resolve", "run_server"]
+__all__ = ["FLOWER_KEYS", "FlowerTransport", "FlowerSettings", "make_client_app", "make_server_app", "resolve", "run_server"]

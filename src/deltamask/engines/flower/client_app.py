@@ -65,9 +65,12 @@ def node_partition(context: Context, cfg: Config) -> int:
     pid = int(nc["partition-id"])
     nparts = int(nc.get("num-partitions", cfg.num_clients))
     if nparts != cfg.num_clients:
-        raise ClientFailure(f"node_config num-partitions={nparts} but the run has num-clients={cfg.num_clients}; they must agree")
+        raise ClientFailure(
+            f"node_config num-partitions={nparts} but the run has num-clients={cfg.num_clients}: start this SuperNode with "
+            f"--node-config \"partition-id={pid} num-partitions={cfg.num_clients}\" (or run with num-clients={nparts})"
+        )
     if not 0 <= pid < cfg.num_clients:
-        raise ClientFailure(f"node_config partition-id={pid} is outside 0..{cfg.num_clients - 1}")
+        raise ClientFailure(f"node_config partition-id={pid} is outside 0..{cfg.num_clients - 1}: give each SuperNode its own id in that range")
     return pid
 
 

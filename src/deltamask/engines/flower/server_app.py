@@ -1,57 +1,41 @@
-"""The deltamask ServerApp: build the server side of the experiment, run the strategy, write the run.
+"""The deltamask ServerApp: build the server side of the experiment and drive the round over Flower.
 
 The server prepares the model and the test set only (``build_experiment(cfg, clients=[])``); clients
-prepare their own partitions. Outputs land in ``out-dir`` (a run_config key; relative paths are relative
-to the ServerApp process's working directory): ``config.json``, ``metrics.jsonl`` (one line per round,
-written as the round ends), ``state.safetensors``, and at the end ``summary.json``, the plots and
-``model.safetensors`` -- the same files ``deltamask run`` writes.
+prepare their own partitions. The round is :func:`deltamask.round.run_rounds`, the same as the local
+engine's, over a :class:`~deltamask.engines.flower.transport.FlowerTransport`. Outputs land in
+``out-dir`` (absolute; default ``~/deltamask-runs/flower-RUN_ID``): ``config.json``, ``metrics.jsonl``,
+``state.safetensors`` after every round, and at the end ``summary.json``, the plots and
+``model.safetensors``: the same files ``deltamask run`` writes. ``resume = true`` continues the run in
+``out-dir``; an existing run there is otherwise refused unless ``overwrite = true``.
+
+A run that fails (no node joined, too many rounds without an update, a config error) raises, so the
+ServerApp exits non-zero and ``flwr ls`` shows ``finished:failed``; ``summary.json`` says why.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ...experiment import build_experiment
-from ...metrics import write_json
-from ..common import Progress, finish_run, write_config
-from .settings import resolve
-from .strategy import DeltaMaskStrategy
+from ...round import Progress, run_rounds
+from .settings import out_dir_of, resolve
+from .transport import FlowerTransport
 
 log = logging.getLogger("deltamask")
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, run_id: int | None = None) -> dict[str, Any]:
     """Run a whole deltamask experiment over ``grid``; returns the summary."""
-    started = time.time()
     cfg, settings = resolve(run_config, defaults)
-    out = Path(settings.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
-    write_config(out, cfg)
+    out = out_dir_of(settings, run_id)
     progress = Progress(cfg.progress, cfg.rounds)
     exp = build_experiment(cfg, progress.say, clients=[])  # the test set only; describe() still knows the split
-    progress.say(
-        f"{cfg.method} on {cfg.model} / {cfg.dataset} over Flower: N={exp.net.num_masked:,} masked of "
-        f"{exp.net.num_backbone_params:,} backbone params, {cfg.num_clients} clients, {cfg.clients_per_round}/round -> {out}"
-    )
-    strategy = DeltaMaskStrategy(exp, out, settings, progress)
-    strategy.start(
-        grid,
-        strategy.global_arrays(),
-        num_rounds=cfg.rounds,
-        timeout=settings.round_timeout,
-        evaluate_fn=strategy.evaluate_fn,
-    )
-    summary = finish_run(out, exp, strategy.state, started)
-    summary["engine"] = "flower"
-    write_json(out / "summary.json", summary)
-    return summary
+    transport = FlowerTransport(grid, exp.cfg, settings)
+    return run_rounds(exp, transport, out, resume=settings.resume, overwrite=settings.overwrite, progress=progress)
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -61,7 +45,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context.run_config, defaults)
+        run_server(grid, context.run_config, defaults, run_id=context.run_id)
 
     return app
 

@@ -12,19 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from ...config import Config, ConfigError, build_config
+from ...config import ENGINE_KEYS, Config, ConfigError, build_config, split_engine_keys
 
 #: Flower-only keys: (default, help). They steer the engine, not the experiment.
-FLOWER_KEYS: dict[str, tuple[Any, str]] = {
-    "out-dir": ("runs/flower", "where the ServerApp writes metrics.jsonl, summary.json, plots, model and state"),
-    "round-timeout": (600.0, "seconds the server waits for a round's replies; a client not back by then is dropped"),
-    "node-wait-timeout": (120.0, "seconds the server waits, before round 1, for num-clients SuperNodes to connect"),
-}
+FLOWER_KEYS: dict[str, tuple[Any, str]] = ENGINE_KEYS
 
 #: keys that may differ between server and clients without changing the computation
-HASH_EXCLUDED = ("progress", "device")
+HASH_EXCLUDED = ("progress", "device", "max_skipped_rounds")
 
 
 @dataclass(frozen=True)
@@ -32,33 +29,33 @@ class FlowerSettings:
     out_dir: str = FLOWER_KEYS["out-dir"][0]
     round_timeout: float = FLOWER_KEYS["round-timeout"][0]
     node_wait_timeout: float = FLOWER_KEYS["node-wait-timeout"][0]
-
-
-def _flower_key(key: str) -> str | None:
-    k = key.strip().replace("_", "-")
-    return k if k in FLOWER_KEYS else None
+    resume: bool = FLOWER_KEYS["resume"][0]
+    overwrite: bool = FLOWER_KEYS["overwrite"][0]
 
 
 def resolve(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> tuple[Config, FlowerSettings]:
     """``defaults`` (e.g. a test's overrides) updated with ``run_config``, split into the experiment's
-    Config and the engine's settings."""
+    Config and the engine's settings. An unknown key raises :class:`ConfigError` naming it."""
     merged: dict[str, Any] = {**(defaults or {}), **dict(run_config)}
-    cfg_items: dict[str, Any] = {}
-    fl: dict[str, Any] = {}
-    for key, value in merged.items():
-        fk = _flower_key(key)
-        if fk is None:
-            cfg_items[key] = value
-            continue
-        default = FLOWER_KEYS[fk][0]
-        try:
-            fl[fk.replace("-", "_")] = type(default)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"run_config key {key!r} expects {type(default).__name__}, got {value!r}") from None
+    cfg_items, fl = split_engine_keys(merged)
     settings = FlowerSettings(**fl)
     if settings.round_timeout <= 0 or settings.node_wait_timeout < 0:
         raise ConfigError("run_config keys 'round-timeout' must be > 0 and 'node-wait-timeout' >= 0")
     return build_config(cfg_items, from_strings=True), settings
+
+
+def out_dir_of(settings: FlowerSettings, run_id: int | None) -> Path:
+    """Where the ServerApp writes: ``out-dir`` if given (it must be absolute: a relative path would
+    land wherever the SuperLink happened to start), else ``~/deltamask-runs/flower-RUN_ID``."""
+    if not settings.out_dir:
+        return Path.home() / "deltamask-runs" / f"flower-{run_id if run_id is not None else 'run'}"
+    p = Path(settings.out_dir).expanduser()
+    if not p.is_absolute():
+        raise ConfigError(
+            f"run_config key 'out-dir' = {settings.out_dir!r} is relative, so it would land wherever the SuperLink "
+            f"was started; give an absolute path, e.g. out-dir=\"{Path.cwd() / settings.out_dir}\""
+        )
+    return p
 
 
 def config_hash(cfg: Config) -> str:

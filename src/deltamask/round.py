@@ -1,0 +1,346 @@
+"""THE round, written once for every engine.
+
+    select -> downlink -> transport.exchange -> aggregate -> evaluate -> record -> save
+
+:func:`run_rounds` drives a whole run over a :class:`~deltamask.engines.transport.Transport`: the
+local engine moves the bytes in-process, Flower moves them as messages; neither holds round logic.
+Per round: ``K`` clients are drawn from ``(seed, round)`` among those the transport can reach;
+``method.downlink`` gives each its bytes; the transport returns a reply or a typed
+:class:`~deltamask.methods.Failure` per client; ``method.aggregate`` updates the server state from the
+good replies alone; the global model is evaluated; one line goes to ``metrics.jsonl`` and the state is
+written atomically (``state.safetensors``), so ``resume`` continues exactly where the run stopped.
+
+A run *fails* (summary ``status: failed`` with the reason, no ``model.safetensors``, :class:`RunFailed`
+raised) when ``max_skipped_rounds`` consecutive rounds get no update (fewer than ``min_replies`` good
+replies), when it ends without a single update, or when the transport cannot start (no node joined).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import seeding
+from .client import evaluate
+from .config import Config, ConfigError, build_config
+from .engines.transport import Exchange, Transport
+from .errors import RunFailed
+from .experiment import Experiment
+from .methods import Aggregation, Failure, Reply
+from .metrics import append_jsonl, read_jsonl, summarize, truncate_metrics, write_json
+from .server import ServerState
+from .state import STATE_FILE, StateError, load_state, save_state
+
+log = logging.getLogger("deltamask")
+
+#: config keys that may differ when resuming (they do not change the computation)
+RESUME_OVERRIDABLE = ("rounds", "progress", "device", "max_skipped_rounds")
+#: files a run writes; a fresh run refuses a folder holding any of them unless asked to overwrite
+RUN_FILES = ("metrics.jsonl", STATE_FILE, "summary.json", "model.safetensors", "config.json", "accuracy.png", "bpp.png")
+
+
+# --- selection, evaluation, records --------------------------------------------------------------
+def select_clients(cfg: Config, round_: int, available: list[int] | None = None) -> list[int]:
+    """K clients for this round, drawn from (seed, round) only: identical in every engine."""
+    pool = list(range(cfg.num_clients)) if available is None else sorted(available)
+    k = min(cfg.clients_per_round, len(pool))
+    r = seeding.rng(cfg.seed, round_, -1, "select")
+    return sorted(int(pool[i]) for i in r.choice(len(pool), size=k, replace=False))
+
+
+def set_head(exp: Experiment, state: ServerState) -> None:
+    with torch.no_grad():
+        exp.net.head.weight.copy_(torch.from_numpy(state.head_weight))
+        exp.net.head.bias.copy_(torch.from_numpy(state.head_bias))
+
+
+def evaluate_global(exp: Experiment, state: ServerState, round_: int) -> dict[str, Any]:
+    """Accuracy of the global model: deterministic mask [theta >= 0.5], and one sampled mask."""
+    set_head(exp, state)
+    exp.method.prepare_eval(state)
+    mask = exp.method.eval_mask(state)
+    acc, loss = evaluate(exp.net, exp.test_h, exp.test_y, mask)
+    out: dict[str, Any] = {"accuracy": acc, "loss": loss}
+    if exp.cfg.eval_sampled and exp.method.uses_masks():
+        g = seeding.generator(exp.cfg.seed, round_, -1, "eval-sample")
+        sampled = torch.rand(state.theta.shape, generator=g) < torch.from_numpy(state.theta)
+        out["sampled_accuracy"], out["sampled_loss"] = evaluate(exp.net, exp.test_h, exp.test_y, sampled)
+        out["mask_density"] = float((state.theta >= 0.5).mean())
+    return out
+
+
+def round_record(
+    exp: Experiment,
+    round_: int,
+    selected: list[int],
+    downlink_bits: dict[int, int],
+    replies: list[Reply],
+    failures: list[Failure],
+    agg: Aggregation,
+    evaluation: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The round's line in ``metrics.jsonl``: generic fields here, the method's own from
+    :meth:`Method.record_fields`."""
+    n = exp.net.num_masked
+    n_all = exp.net.num_backbone_params
+    up = sum(8 * len(r.payload) for r in replies)
+    down = sum(downlink_bits.values())
+    n_up = max(len(replies), 1)
+    n_down = max(len(downlink_bits), 1)
+    bound = [c["bound_bits"] for c in agg.clients if "bound_bits" in c]
+    rec: dict[str, Any] = {
+        "round": round_,
+        "phase": agg.phase,
+        "selected": selected,
+        "num_replies": len(replies),
+        "num_aggregated": agg.num_good,
+        "skipped_update": agg.skipped,
+        "failures": [f.record() for f in [*failures, *agg.dropped]],
+        "uplink_bits": up,
+        "downlink_bits": down,
+        "uplink_bpp": up / n_up / n,
+        "downlink_bpp": down / n_down / n,
+        "uplink_bpp_all": up / n_up / n_all,
+        "downlink_bpp_all": down / n_down / n_all,
+        "uplink_bound_bpp": (sum(bound) / len(bound) / n) if bound else None,
+        "train_loss": float(np.mean([r.metrics.get("train_loss", np.nan) for r in replies])) if replies else None,
+        "seconds": seconds,
+    }
+    if agg.clients:
+        rec["clients"] = agg.clients
+    rec.update(exp.method.record_fields(agg, replies))
+    if evaluation:
+        rec.update(evaluation)
+    return rec
+
+
+# --- the output folder -----------------------------------------------------------------------------
+def write_config(out: Path, cfg: Config) -> None:
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """A fresh run's folder: refuse one that holds a run unless ``overwrite``."""
+    out.mkdir(parents=True, exist_ok=True)
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if present and not overwrite:
+        raise ConfigError(
+            f"output folder {str(out)!r} already holds a run ({', '.join(present)}); choose another folder, "
+            "continue it with --resume (Flower: resume=true), or replace it with --overwrite (Flower: overwrite=true)"
+        )
+    for f in present:
+        p = out / f
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def resume_config(out: Path, overrides: dict[str, Any]) -> Config:
+    """The saved config of a run, with only the keys that do not change the result overridable."""
+    _, _, saved, _ = load_state(out)
+    bad = [k for k in overrides if k.replace("-", "_") not in RESUME_OVERRIDABLE]
+    if bad:
+        raise ConfigError(f"cannot change {', '.join(bad)} when resuming; only {', '.join(RESUME_OVERRIDABLE)} may change")
+    cfg = build_config(saved)
+    return build_config(overrides, base=cfg, from_strings=True)
+
+
+def check_resumable(cfg: Config, saved: dict[str, Any], out: Path) -> None:
+    """A resumed run must compute what the interrupted one did: only RESUME_OVERRIDABLE may differ."""
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(now) | set(saved) if k not in RESUME_OVERRIDABLE and now.get(k) != saved.get(k))
+    if diff:
+        shown = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:5])
+        raise ConfigError(
+            f"cannot resume the run in {str(out)!r} with another config: {shown}; resume with the run's own "
+            f"config (only {', '.join(RESUME_OVERRIDABLE)} may change) or start a new run in another folder"
+        )
+
+
+def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, engine: str, failure: str | None = None) -> dict[str, Any]:
+    """summary.json (from metrics.jsonl), plots, and, for a run that did not fail, the model artifact."""
+    from .artifact import save_artifact
+    from .report import plot_run
+
+    records = read_jsonl(out / "metrics.jsonl")
+    meta = exp.describe()
+    meta.pop("masked_params", None)
+    meta["config"] = exp.cfg.to_dict()
+    summary = summarize(records, meta)
+    summary["engine"] = engine
+    summary["status"] = "failed" if failure else "completed"
+    if failure:
+        summary["failure"] = failure
+    summary["setup_seconds"] = exp.setup_seconds
+    summary["elapsed_seconds"] = time.time() - started
+    write_json(out / "summary.json", summary)
+    if records:
+        plot_run(out)
+    if failure is None:
+        set_head(exp, state)
+        save_artifact(out / "model.safetensors", exp, state)
+    return summary
+
+
+class Progress:
+    """One status line per round on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, enabled: bool, total_rounds: int) -> None:
+        self.enabled = enabled
+        self.total = total_rounds
+        self.tty = sys.stderr.isatty()
+        self.round_times: list[float] = []
+
+    def say(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[deltamask] {msg}", file=sys.stderr, flush=True)
+
+    def round_done(self, rec: dict[str, Any]) -> None:
+        self.round_times.append(rec["seconds"])
+        if not self.enabled:
+            return
+        left = self.total - rec["round"]
+        eta = left * float(np.median(self.round_times[-5:]))
+        acc = rec.get("accuracy")
+        acc_s = f"acc {acc:.4f}" if acc is not None else "acc -"
+        fails = f" | {len(rec['failures'])} failed" if rec["failures"] else ""
+        skipped = " | no update" if rec["skipped_update"] else ""
+        line = (
+            f"[round {rec['round']}/{self.total}] {rec['phase']:4s} | clients {rec['num_replies']}/{len(rec['selected'])} | "
+            f"{acc_s} | up {rec['uplink_bpp']:.4f} bpp | down {rec['downlink_bpp']:.4f} bpp | "
+            f"{rec['seconds']:.1f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s{fails}{skipped}"
+        )
+        print(("\r" if self.tty else "") + line, file=sys.stderr, flush=True)
+
+
+# --- the driver ------------------------------------------------------------------------------------
+def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerState, list[dict[str, Any]]]:
+    """Load the state, hand the persisted client caches back to the transport, and make the server
+    forget what it believed the other clients held (they get it re-sent: same result)."""
+    state, client_states, saved, engine = load_state(out)
+    check_resumable(exp.cfg, saved, out)
+    held = transport.restore(client_states)
+    believed = set(state.client_theta_version) | set(state.client_head_version)
+    lost = sorted(believed - held)
+    if lost and exp.method.client_memory:
+        raise StateError(
+            f"cannot resume {exp.cfg.method} in {str(out)!r} on the {transport.name} engine: its clients keep memory the "
+            f"server cannot re-send (error feedback), and the caches of clients {lost} are not held here (the state was "
+            f"written by the {engine} engine); start a new run"
+        )
+    for cid in lost:
+        exp.method.delivered(state, cid, False)
+    if lost:
+        log.info("resume: clients %s get theta/head re-sent (their caches are not held by the %s engine)", lost, transport.name)
+    truncate_metrics(out / "metrics.jsonl", state.round)
+    return state, read_jsonl(out / "metrics.jsonl")
+
+
+def _skip_status(records: list[dict[str, Any]]) -> tuple[int, bool]:
+    """(consecutive rounds without an update at the end, whether any round updated)."""
+    streak = 0
+    for r in records:
+        streak = streak + 1 if r.get("skipped_update") else 0
+    return streak, any(not r.get("skipped_update") for r in records)
+
+
+def run_rounds(
+    exp: Experiment,
+    transport: Transport,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``exp`` over ``transport``, writing the run to ``out_dir``; returns the summary.
+    ``stop_after`` ends the run after that round without finishing it (to test resume). Raises
+    :class:`RunFailed` (after writing ``summary.json``) when the run fails."""
+    started = time.time()
+    cfg, method, out = exp.cfg, exp.method, Path(out_dir)
+    progress = progress or Progress(cfg.progress, cfg.rounds)
+    if resume:
+        state, records = _resume(exp, transport, out)
+        progress.say(f"resuming after round {state.round}")
+    else:
+        prepare_out(out, overwrite)
+        state, records = method.init_state(), []
+        (out / "metrics.jsonl").write_text("")
+        write_config(out, cfg)
+    streak, any_update = _skip_status(records)
+    progress.say(
+        f"{cfg.method} on {cfg.model} / {cfg.dataset} ({transport.name}): N={exp.net.num_masked:,} masked of "
+        f"{exp.net.num_backbone_params:,} backbone params, {cfg.num_clients} clients, {cfg.clients_per_round}/round -> {out}"
+    )
+    try:
+        transport.start()
+        for rnd in range(state.round + 1, cfg.rounds + 1):
+            rec = _one_round(exp, transport, state, rnd, out)
+            progress.round_done(rec)
+            streak = streak + 1 if rec["skipped_update"] else 0
+            any_update = any_update or not rec["skipped_update"]
+            if cfg.max_skipped_rounds and streak >= cfg.max_skipped_rounds:
+                raise RunFailed(
+                    f"{streak} consecutive rounds (up to round {rnd}) got no update: fewer than min_replies={cfg.min_replies} "
+                    f"good replies ({_failure_summary(rec)}); fix the clients or raise max_skipped_rounds"
+                )
+            if stop_after is not None and rnd >= stop_after:
+                return {"stopped_after": rnd}
+        if not any_update:
+            raise RunFailed(f"no round updated the model in {cfg.rounds} rounds (last: {_failure_summary(records[-1] if records else None)})")
+    except RunFailed as e:
+        log.error("run failed: %s", e)
+        finish_run(out, exp, state, started, transport.name, failure=str(e))
+        raise
+    finally:
+        transport.close()
+    return finish_run(out, exp, state, started, transport.name)
+
+
+def _failure_summary(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return "no rounds ran"
+    fails = rec.get("failures") or []
+    if not fails:
+        return f"round {rec['round']}: {rec['num_aggregated']} of {len(rec['selected'])} selected clients aggregated"
+    shown = "; ".join(f"client {f['client']}: {f['reason']}" for f in fails[:3])
+    return f"round {rec['round']}: {len(fails)} failed, e.g. {shown}"
+
+
+def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: int, out: Path) -> dict[str, Any]:
+    t0 = time.time()
+    cfg, method = exp.cfg, exp.method
+    selected = select_clients(cfg, rnd, transport.available(rnd))
+    downlinks = {cid: method.downlink(state, cid, rnd) for cid in selected}
+    ex: Exchange = transport.exchange(rnd, downlinks)
+    replies = [ex.replies[c] for c in selected if c in ex.replies]
+    failures = [ex.failures[c] for c in selected if c in ex.failures]
+    failures += [Failure(c, "the transport returned neither a reply nor a failure", "transport") for c in selected
+                 if c not in ex.replies and c not in ex.failures]
+    for f in failures:
+        log.warning("round %d: client %d dropped: %s", rnd, f.client, f.reason)
+        method.delivered(state, f.client, False)
+        transport.forget(f.client)
+    for r in replies:
+        method.delivered(state, r.client_id, True)
+    agg = method.aggregate(state, replies, rnd)
+    for d in agg.dropped:
+        log.warning("round %d: client %d dropped: %s", rnd, d.client, d.reason)
+        method.delivered(state, d.client, False)
+        transport.forget(d.client)
+    state.round = rnd
+    evaluation = evaluate_global(exp, state, rnd) if (rnd % cfg.eval_every == 0 or rnd == cfg.rounds) else None
+    down_bits = {cid: 8 * len(b) for cid, b in downlinks.items()}
+    rec = round_record(exp, rnd, selected, down_bits, replies, failures, agg, evaluation, time.time() - t0)
+    rec.update(ex.fields)
+    append_jsonl(out / "metrics.jsonl", rec)
+    save_state(out, state, transport.client_states() or {}, cfg.to_dict(), engine=transport.name)
+    return rec
