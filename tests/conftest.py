@@ -28,3 +28,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _node_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Flower clients keep a per-node disk cache; in tests it lives in a temporary folder, not ~/.cache."""
+    os.environ["DELTAMASK_NODE_CACHE"] = str(tmp_path_factory.mktemp("node-cache"))

@@ -172,7 +172,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.head_warmup_rounds >= 0, "head_warmup_rounds", "must be >= 0")
     need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")
     need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")
-    need(cfg.min_replies >= 1, "min_replies", "must be >= 1")
+    need(1 <= cfg.min_replies <= cfg.clients_per_round, "min_replies", f"must be in 1..clients_per_round={cfg.clients_per_round} (more replies than clients per round can never arrive)")
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
 

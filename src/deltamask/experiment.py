@@ -86,9 +86,13 @@ class Experiment:
         }
 
 
-def build_experiment(cfg: Config, status: Callable[[str], None] | None = None, clients: list[int] | None = None) -> Experiment:
+def build_experiment(
+    cfg: Config, status: Callable[[str], None] | None = None, clients: list[int] | None = None, test: bool = True
+) -> Experiment:
     """Load everything for ``cfg``. ``clients`` limits the prefix cache to those clients' data
-    (a Flower client process needs only its own partition); the test set is always prepared."""
+    (a Flower client process needs only its own partition). ``test=False`` skips the test set's prefix
+    outputs (``test_h`` / ``test_y`` are then empty): a client never evaluates, so a client process
+    should pass it. Everything else is the same tensors either way."""
     say = status or (lambda s: None)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -112,7 +116,12 @@ def build_experiment(cfg: Config, status: Callable[[str], None] | None = None, c
         parts = [remap[p] if c in clients else np.zeros(0, np.int64) for c, p in enumerate(parts)]
         train_x, train_y = ds.x_train[keep], ds.y_train[keep]
     train_h = prefix_outputs(net, train_x, size, loaded.mean, loaded.std, device) if len(train_x) else torch.zeros(0)
-    test_h = prefix_outputs(net, ds.x_test, size, loaded.mean, loaded.std, device)
+    if test:
+        test_h = prefix_outputs(net, ds.x_test, size, loaded.mean, loaded.std, device)
+        test_y = torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64))
+    else:
+        test_h = torch.zeros((0, *train_h.shape[1:]), dtype=train_h.dtype, device=train_h.device)
+        test_y = torch.zeros(0, dtype=torch.int64)
     method = create_method(cfg, net)
     return Experiment(
         cfg=cfg,
@@ -125,7 +134,57 @@ def build_experiment(cfg: Config, status: Callable[[str], None] | None = None, c
         train_h=train_h,
         train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
         test_h=test_h,
-        test_y=torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64)),
+        test_y=test_y,
+        image_size=size,
+        setup_seconds=time.time() - t0,
+    )
+
+
+def client_experiment_from_arrays(
+    cfg: Config,
+    pid: int,
+    train_h: torch.Tensor,
+    train_y: torch.Tensor,
+    client_sizes: list[int],
+    dataset_name: str,
+    classes: list[str],
+    status: Callable[[str], None] | None = None,
+) -> Experiment:
+    """The Experiment ``build_experiment(cfg, clients=[pid], test=False)`` gives, rebuilt from client
+    ``pid``'s stored prefix outputs and labels (see :mod:`deltamask.node_cache`) instead of from the data
+    set: same model (same torch seed before ``load_model``), same partitions, same ``client_data(pid)``.
+
+    ``train_h`` is moved to ``cfg``'s device; ``train_y`` stays on the CPU (as in ``build_experiment``).
+    ``dataset`` holds the classes but no images; ``test_h`` / ``test_y`` are empty."""
+    say = status or (lambda s: None)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    say(f"loading model {cfg.model}")
+    loaded = load_model(cfg.model, cfg.weights)
+    net = MaskedNetwork(loaded, len(classes), cfg.masked_blocks, cfg.mask_pattern).to(device)
+    net.eval()  # build_experiment leaves the network in eval mode (prefix_outputs)
+    size = cfg.image_size or loaded.input_size
+    n = int(train_y.shape[0])
+    if int(train_h.shape[0]) != n or not 0 <= pid < len(client_sizes) or client_sizes[pid] != n:
+        raise ValueError(f"client {pid}: {train_h.shape[0]} prefix outputs, {n} labels, client_sizes {client_sizes}")
+    parts = [np.arange(n, dtype=np.int64) if c == pid else np.zeros(0, np.int64) for c in range(len(client_sizes))]
+    no_images = np.zeros((0, 1, 1, 3), np.uint8)
+    no_labels = np.zeros(0, np.int64)
+    ds = data_mod.ImageDataset(dataset_name, no_images, no_labels, no_images, no_labels, list(classes))
+    train_h = train_h.to(device) if n else torch.zeros(0)
+    return Experiment(
+        cfg=cfg,
+        device=device,
+        net=net,
+        method=create_method(cfg, net),
+        dataset=ds,
+        partitions=parts,
+        client_sizes=[int(s) for s in client_sizes],
+        train_h=train_h,
+        train_y=train_y.to("cpu", torch.int64),
+        test_h=torch.zeros((0, *train_h.shape[1:]), dtype=train_h.dtype, device=train_h.device),
+        test_y=torch.zeros(0, dtype=torch.int64),
         image_size=size,
         setup_seconds=time.time() - t0,
     )

@@ -276,6 +276,7 @@ def run_rounds(
         (out / "metrics.jsonl").write_text("")
         write_config(out, cfg)
     streak, any_update = _skip_status(records)
+    last = records[-1] if records else None
     progress.say(
         f"{cfg.method} on {cfg.model} / {cfg.dataset} ({transport.name}): N={exp.net.num_masked:,} masked of "
         f"{exp.net.num_backbone_params:,} backbone params, {cfg.num_clients} clients, {cfg.clients_per_round}/round -> {out}"
@@ -283,7 +284,7 @@ def run_rounds(
     try:
         transport.start()
         for rnd in range(state.round + 1, cfg.rounds + 1):
-            rec = _one_round(exp, transport, state, rnd, out)
+            rec = last = _one_round(exp, transport, state, rnd, out)
             progress.round_done(rec)
             streak = streak + 1 if rec["skipped_update"] else 0
             any_update = any_update or not rec["skipped_update"]
@@ -295,7 +296,7 @@ def run_rounds(
             if stop_after is not None and rnd >= stop_after:
                 return {"stopped_after": rnd}
         if not any_update:
-            raise RunFailed(f"no round updated the model in {cfg.rounds} rounds (last: {_failure_summary(records[-1] if records else None)})")
+            raise RunFailed(f"no round updated the model in {cfg.rounds} rounds (last: {_failure_summary(last)})")
     except RunFailed as e:
         log.error("run failed: %s", e)
         finish_run(out, exp, state, started, transport.name, failure=str(e))

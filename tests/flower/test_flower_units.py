@@ -43,8 +43,11 @@ def test_payload_roundtrip_small_and_large(n: int) -> None:
 
 
 def test_empty_payload_travels() -> None:
-    content = records.pack_payload(b"")
+    content = records.pack_payload(b"", {"round": 2, "client-id": 1})
     assert records.unpack_payload(content) == b""
+    # a client already up to date gets an empty downlink: counting it must not crash the server
+    # (Flower's count_bytes raises on b""); it counts the keys and the 8-byte scalars
+    assert records.record_bytes(content) == len("payload") + len("round") + 8 + len("client-id") + 8
 
 
 @pytest.mark.parametrize(

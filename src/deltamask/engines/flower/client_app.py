@@ -2,8 +2,11 @@
 
 A SuperNode serves one client: ``node_config["partition-id"]`` is the deltamask client id and
 ``node_config["num-partitions"]`` must equal the run's ``num-clients`` (the data split is computed from
-the config, identically on every node). The node builds the experiment for its own partition only
-(``build_experiment(cfg, clients=[pid])``) and keeps it in memory between rounds.
+the config, identically on every node). The node prepares its own partition only, never the test set,
+and keeps it between rounds: in memory where the process lives on (simulation), and in a per-node disk
+cache (:mod:`deltamask.node_cache`, keyed by a hash of everything that determines it, verified on
+load, rebuilt when it does not match) for deployments, where every message starts a fresh process.
+``node_config["cache-dir"]`` picks the folder (``none``: off).
 
 Messages:
 
@@ -27,6 +30,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -35,6 +39,7 @@ from flwr.clientapp import ClientApp
 from ...config import Config, ConfigError
 from ...experiment import Experiment, build_experiment
 from ...methods import ClientContext, ClientData, ClientFailure
+from ...node_cache import client_experiment_cached, default_cache_dir
 from .records import (
     META_KEY,
     clear_client_state,
@@ -81,15 +86,30 @@ def node_config_of(context: Context, defaults: dict[str, Any] | None) -> Config:
     return cfg
 
 
-def client_experiment(cfg: Config, pid: int) -> tuple[Experiment, ClientData]:
-    """This partition's experiment and data, built once per process and config."""
+def node_cache_dir(context: Context) -> Path | None:
+    """The node's disk cache: ``node_config["cache-dir"]`` (``none`` turns it off), else
+    ``$DELTAMASK_NODE_CACHE``, else ``~/.cache/deltamask/node``."""
+    spec = str(context.node_config.get("cache-dir", "")).strip()
+    if spec.lower() == "none":
+        return None
+    return Path(spec).expanduser() if spec else default_cache_dir()
+
+
+def client_experiment(cfg: Config, pid: int, cache_dir: Path | None = None) -> tuple[Experiment, ClientData]:
+    """This partition's experiment and data: from this process's memory (a simulation worker serves
+    many rounds), else from the node's disk cache (a deployment starts a process per message), else
+    built (the test set is never prepared on a client)."""
     key = (config_hash(cfg) + cfg.device, pid)
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    exp = build_experiment(cfg, clients=[pid])
-    entry = (exp, exp.client_data(pid))
+    if cache_dir is not None:
+        exp, data, _ = client_experiment_cached(cfg, pid, cache_dir)
+        entry = (exp, data)
+    else:
+        exp = build_experiment(cfg, clients=[pid], test=False)
+        entry = (exp, exp.client_data(pid))
     _CACHE[key] = entry
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -155,7 +175,7 @@ def make_client_app(defaults: dict[str, Any] | None = None, fault: FaultHook | N
                 raise ClientFailure(f"message for client {meta.get('client-id')} reached partition {pid}")
             hook = fault or _node_fault(context, pid)
             action = hook(rnd, pid) if hook is not None else None
-            exp, data = client_experiment(cfg, pid)
+            exp, data = client_experiment(cfg, pid, node_cache_dir(context))
             if data.num_samples == 0:
                 raise ClientFailure("client has no training data")
             cache = load_client_state(context.state)

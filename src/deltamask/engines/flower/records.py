@@ -92,8 +92,16 @@ def unpack_meta(content: RecordDict) -> dict[str, Any]:
 
 
 def record_bytes(content: RecordDict) -> int:
-    """What Flower's own ``count_bytes()`` says the message's records hold."""
-    return int(sum(r.count_bytes() for r in content.values()))
+    """What Flower's own ``count_bytes()`` says the message's records hold. Flower 1.42 raises on an
+    empty ``bytes`` value (a client already up to date gets an empty downlink), counted here as its key."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ConfigRecord) and any(isinstance(v, bytes) and not v for v in rec.values()):
+            rest = ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, bytes) and not v)})
+            total += rest.count_bytes() + sum(len(k) for k, v in rec.items() if isinstance(v, bytes) and not v)
+        else:
+            total += rec.count_bytes()
+    return int(total)
 
 
 def wire_bytes(message: Message) -> int:
