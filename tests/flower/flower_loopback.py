@@ -4,6 +4,8 @@ It exercises the real ServerApp code (``run_server``) and the real ClientApp han
 Flower ``Context`` per node (so ``context.state`` persists per node across rounds, as in Flower). Every
 message crosses a real serialization boundary (``deflate`` -> ``inflate``), as on the wire.
 ``lose``: (round, node index) pairs whose replies never arrive (a client that times out).
+``unavailable``: (round, node index) pairs answered, as the SuperLink does for a node it lost, by a
+``NODE_UNAVAILABLE`` error reply whose sender is the SuperLink (node id 1), not the node.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def _roundtrip(msg: Message) -> Message:
 
 class LoopbackGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
-                 lose: Iterable[tuple[int, int]] = (), node_config: dict[int, dict] | None = None) -> None:
+                 lose: Iterable[tuple[int, int]] = (), node_config: dict[int, dict] | None = None,
+                 unavailable: Iterable[tuple[int, int]] = ()) -> None:
         self.client_app = client_app
         self.node_ids = [1000 + i for i in range(num_nodes)]
         self.contexts = {
@@ -39,6 +42,7 @@ class LoopbackGrid(Grid):
             for i, nid in enumerate(self.node_ids)
         }
         self.lose = set(lose)
+        self.unavailable = set(unavailable)
         self.replies: dict[str, Message] = {}
         # what the ServerApp runtime sets before calling the app's main
         from flwr.supercore.task_identity import TaskIdentity
@@ -65,11 +69,18 @@ class LoopbackGrid(Grid):
             ids.append(msg.metadata.message_id)
             nid = msg.metadata.dst_node_id
             delivered = _roundtrip(msg)
+            idx = self.node_ids.index(nid)
+            if msg.metadata.group_id.isdigit() and (int(msg.metadata.group_id), idx) in self.unavailable:
+                from flwr.common.constant import ErrorCode
+
+                err = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=delivered)
+                err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers, not the node
+                self.replies[msg.metadata.message_id] = err
+                continue
             try:
                 reply = self.client_app(delivered, self.contexts[nid])
             except Exception as e:  # noqa: BLE001 - what the SuperNode does with a raising ClientApp
                 reply = Message(Error(code=2, reason=f"{type(e).__name__}: {e}"), reply_to=delivered)
-            idx = self.node_ids.index(nid)
             if msg.metadata.group_id.isdigit() and (int(msg.metadata.group_id), idx) in self.lose:
                 continue
             self.replies[msg.metadata.message_id] = reply if reply.has_error() else _roundtrip(reply)

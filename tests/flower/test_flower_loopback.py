@@ -90,3 +90,70 @@ def test_node_with_wrong_partition_config_is_left_out(tmp_path, caplog) -> None:
     (r1,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert r1["selected"] == [0, 1] and r1["num_replies"] == 2
     assert any("refused to join" in r.getMessage() and "num-partitions=5" in r.getMessage() for r in caplog.records)
+
+
+def test_lost_node_error_reply_is_matched_to_its_message(tmp_path) -> None:
+    """Flower answers for a lost node with an error reply sent by the SuperLink (node 1): it must be
+    recorded as that client's node-lost failure, not ignored as a reply from an unexpected node."""
+    defaults = {**TINY, "rounds": 2, "clients-per-round": 3, "out-dir": str(tmp_path), "node-wait-timeout": 0, "round-timeout": 30.0}
+    t0 = __import__("time").time()
+    run_server(LoopbackGrid(make_client_app(defaults), 3, unavailable=[(2, 1)]), {}, defaults)
+    assert __import__("time").time() - t0 < 25  # not waiting out the round timeout
+    r2 = read_jsonl(tmp_path / "metrics.jsonl")[1]
+    (f,) = r2["failures"]
+    assert (f["client"], f["kind"], f["node"]) == (1, "node-lost", 1001)
+    assert "Flower error 5" in f["reason"] and "Node Unavailable" in f["reason"]
+    assert r2["num_replies"] == 2 and not r2["skipped_update"]
+
+
+def test_no_node_joining_fails_the_run_naming_the_nodes(tmp_path) -> None:
+    from deltamask.errors import RunFailed
+
+    defaults = {**TINY, "rounds": 2, "out-dir": str(tmp_path), "node-wait-timeout": 0}
+    grid = LoopbackGrid(make_client_app(defaults), 3, node_config={i: {"num-partitions": 2} for i in range(3)})
+    with pytest.raises(RunFailed, match="no node joined") as e:
+        run_server(grid, {}, defaults)
+    msg = str(e.value)
+    assert all(f"node {n}" in msg for n in (1000, 1001, 1002)) and "num-partitions=3" in msg  # the fix
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "no node joined" in summary["failure"]
+    assert not (tmp_path / "model.safetensors").exists()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == []
+
+
+def test_flower_resume_ends_as_uninterrupted(tmp_path) -> None:
+    """The ServerApp stops after round 2 (as when its SuperLink dies); a new run with resume=true in the
+    same out-dir (new nodes: every client cache is gone) ends exactly as the local engine's full run."""
+    base = {**TINY, "rounds": 4, "clients-per-round": 2, "out-dir": str(tmp_path / "flower")}
+    import deltamask.round as round_mod
+
+    real = round_mod._one_round
+    calls = {"n": 0}
+
+    def stop_after_two(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("SuperLink gone")
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    round_mod._one_round = stop_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_server(LoopbackGrid(make_client_app(base), 3), {}, base)
+    finally:
+        round_mod._one_round = real
+    assert len(read_jsonl(tmp_path / "flower" / "metrics.jsonl")) == 2
+    with pytest.raises(Exception, match="already holds a run"):  # a fresh run does not overwrite it
+        run_server(LoopbackGrid(make_client_app(base), 3), {}, base)
+    resumed = {**base, "resume": True}
+    run_server(LoopbackGrid(make_client_app(resumed), 3), {}, resumed)
+    run_local(tiny_config(rounds=4, clients_per_round=2), tmp_path / "local")
+    a, b = read_jsonl(tmp_path / "flower" / "metrics.jsonl"), read_jsonl(tmp_path / "local" / "metrics.jsonl")
+    strip = lambda r: {k: v for k, v in comparable(r).items() if not k.startswith("downlink")}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    from safetensors.numpy import load_file
+
+    sa, sb = load_file(str(tmp_path / "flower" / "state.safetensors")), load_file(str(tmp_path / "local" / "state.safetensors"))
+    for k in [k for k in sb if k.startswith("server/")]:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["status"] == "completed"
