@@ -89,7 +89,7 @@ def test_cli_failed_run_exits_1(tmp_path, capsys, monkeypatch) -> None:
 
 
 def _no_replies(self, round_, downlinks):  # noqa: ANN001, ANN202
-    from deltamask.engines.transport import Exchange
+    from deltamask.transport import Exchange
     from deltamask.methods import Failure
 
     return Exchange(failures={c: Failure(c, "unreachable", "timeout") for c in downlinks})

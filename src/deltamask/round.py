@@ -2,7 +2,7 @@
 
     select -> downlink -> transport.exchange -> aggregate -> evaluate -> record -> save
 
-:func:`run_rounds` drives a whole run over a :class:`~deltamask.engines.transport.Transport`: the
+:func:`run_rounds` drives a whole run over a :class:`~deltamask.transport.Transport`: the
 local engine moves the bytes in-process, Flower moves them as messages; neither holds round logic.
 Per round: ``K`` clients are drawn from ``(seed, round)`` among those the transport can reach;
 ``method.downlink`` gives each its bytes; the transport returns a reply or a typed
@@ -31,7 +31,7 @@ import torch
 from . import seeding
 from .client import evaluate
 from .config import Config, ConfigError, build_config
-from .engines.transport import Exchange, Transport
+from .transport import Exchange, Transport
 from .errors import RunFailed
 from .experiment import Experiment
 from .methods import Aggregation, Failure, Reply

@@ -1,7 +1,10 @@
-"""A real deployment on 127.0.0.1: ``flower-superlink``, two ``flower-supernode`` processes (each with its
+"""A real deployment on 127.0.0.1: ``flower-superlink``, ``flower-supernode`` processes (each with its
 own partition), the app submitted with ``flwr run``, and the run's final status read back with
-``flwr ls`` (``flwr run`` exits 0 even when the ServerApp fails). Every process started here is stopped by
-its pid (its process group) whatever happens. Run with ``pytest -m flower_deploy``."""
+``flwr ls`` (``flwr run`` exits 0 even when the ServerApp fails). The commands are the ones
+docs/flower.md shows ("Deployment" section; tests/flower/test_flower_units.py checks the flags). Every
+process started here is stopped by its process group whatever happens, and so is every process group its
+descendants opened (the SuperLink starts its ``flower-superexec`` in a session of its own). Run with
+``pytest -m flower_deploy``."""
 
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
 import tomli_w  # noqa: E402  (a dependency of flwr)
 
-from dmtest import TINY  # noqa: E402
+from dmtest import TINY, tiny_config  # noqa: E402
 from deltamask.metrics import read_jsonl  # noqa: E402
+from deltamask.node_cache import cache_counts  # noqa: E402
 
 pytestmark = pytest.mark.flower_deploy
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,16 +50,77 @@ def tool(name: str) -> str:
     return str(p) if p.exists() else name
 
 
+def _ppids() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc)."""
+    out: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        out[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    kids: dict[int, list[int]] = {}
+    for child, parent in _ppids().items():
+        kids.setdefault(parent, []).append(child)
+    out, todo = set(), [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid) if alive(pid) else None
+    except ProcessLookupError:
+        return None
+
+
+def killpg_hard(pgid: int, wait: float = 10) -> None:
+    """SIGTERM a process group, SIGKILL what is left after ``wait`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
 class Federation:
     """SuperLink + SuperNodes on 127.0.0.1 in their own process groups, and the ``flwr`` CLI set up
     to talk to them (temporary FLWR_HOME, telemetry and dependency installation off)."""
 
-    def __init__(self, tmp: Path, node_configs: list[str]) -> None:
+    def __init__(self, tmp: Path, node_configs: list[str], database: Path | None = None) -> None:
         self.tmp = tmp
         self.node_configs = node_configs
+        self.database = database
         self.procs: dict[str, subprocess.Popen] = {}
+        self.groups: set[int] = set()  # process groups opened by descendants (e.g. the SuperLink's superexec)
         home = tmp / "flwr-home"
-        home.mkdir()
+        home.mkdir(exist_ok=True)
         self.env = {
             **os.environ,
             "FLWR_TELEMETRY_ENABLED": "0",
@@ -68,12 +134,16 @@ class Federation:
         )
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.tmp / f"{name}.log", "wb")
+        log = open(self.tmp / f"{name}.log", "ab")  # a restarted process appends to its log
         self.procs[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start(self) -> None:
-        self._spawn("superlink", [tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
-                                  "--disable-runtime-dependency-installation"])
+    def start_superlink(self) -> None:
+        # docs/flower.md: flower-superlink --insecure --host 127.0.0.1 --port PORT [--database FILE] ...
+        args = [tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
+                "--disable-runtime-dependency-installation"]
+        if self.database is not None:
+            args += ["--database", str(self.database)]
+        self._spawn("superlink", args)
         deadline = time.time() + 60
         while True:
             try:
@@ -83,17 +153,27 @@ class Federation:
                 if time.time() > deadline or self.procs["superlink"].poll() is not None:
                     raise RuntimeError(f"flower-superlink did not come up\n{self.logs()}") from None
                 time.sleep(0.5)
-        for i, (nc, port) in enumerate(zip(self.node_configs, self.node_ports)):
-            self._spawn(f"supernode{i}", [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-                                          "--host", "127.0.0.1", "--port", str(port), "--node-config", nc])
 
-    def kill(self, name: str) -> None:
-        """Stop one process and everything it spawned (its process group, whose id is its pid)."""
+    def start_node(self, i: int) -> None:
+        # docs/flower.md: setsid flower-supernode --insecure --superlink HOST:PORT --host 127.0.0.1 --port PORT_I
+        #                 --node-config "partition-id=I num-partitions=N ..."
+        self._spawn(f"supernode{i}", [tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+                                      "--host", "127.0.0.1", "--port", str(self.node_ports[i]), "--node-config", self.node_configs[i]])
+
+    def start(self) -> None:
+        self.start_superlink()
+        for i in range(len(self.node_configs)):
+            self.start_node(i)
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop one process and everything it spawned: its process group (whose id is its pid), and the
+        groups its descendants opened (the SuperLink's flower-superexec runs in a session of its own)."""
         p = self.procs[name]
+        self.groups |= {g for g in map(pgid_of, descendants(p.pid)) if g is not None} - {os.getpgrp()}
         if p.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            for s, wait in ((sig, 15), (signal.SIGKILL, 15)):
                 try:
-                    os.killpg(p.pid, sig)
+                    os.killpg(p.pid, s)
                 except ProcessLookupError:
                     break
                 try:
@@ -105,10 +185,24 @@ class Federation:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        p.wait()
+
+    def reap_groups(self) -> list[int]:
+        """Kill the process groups descendants opened; returns those that still had live members."""
+        left = []
+        for g in sorted(self.groups - {os.getpgrp()}):
+            try:
+                os.killpg(g, 0)
+            except (ProcessLookupError, PermissionError):
+                continue
+            left.append(g)
+            killpg_hard(g, wait=5)
+        return left
 
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             self.kill(name)
+        self.reap_groups()
 
     def flwr(self, *args: str, timeout: float = 180) -> dict[str, Any]:
         r = subprocess.run([tool("flwr"), *args, "--format", "json"], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
@@ -126,6 +220,10 @@ class Federation:
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         return self.flwr("ls", "deploy", "--run-id", str(run_id), timeout=60)["runs"][0]
+
+    def online_nodes(self) -> list[str]:
+        res = self.flwr("supernode", "ls", "deploy", timeout=60)
+        return [n["node-id"] for n in res.get("nodes", []) if n.get("status") == "online"]
 
     def wait(self, run_id: int, timeout: float) -> dict[str, Any]:
         deadline = time.time() + timeout
@@ -147,8 +245,8 @@ class Federation:
 def federation(tmp_path):  # noqa: ANN201
     feds: list[Federation] = []
 
-    def make(node_configs: list[str]) -> Federation:
-        fed = Federation(tmp_path, node_configs)
+    def make(node_configs: list[str], database: Path | None = None) -> Federation:
+        fed = Federation(tmp_path, node_configs, database)
         feds.append(fed)
         fed.start()
         return fed
@@ -201,3 +299,97 @@ def test_killed_supernode_is_dropped_and_run_finishes(federation, tmp_path) -> N
     assert r2["num_replies"] == 1 and [f["client"] for f in r2["failures"]] == [1], r2["failures"]
     assert not r2["skipped_update"]
     assert (out / "summary.json").is_file()
+
+
+def test_mismatched_partitions_fail_the_run(federation, tmp_path) -> None:
+    # every node is started for 2 partitions, the run has 3 clients: every node refuses, none joins
+    fed = federation(["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2"])
+    out = tmp_path / "out"
+    run_id = fed.submit(run_config(out, **{"num-clients": 3, "node-wait-timeout": 10.0}))
+    info = fed.wait(run_id, timeout=240)
+    assert info["status"] == "finished:failed", f"{info}\n{fed.logs()}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    failure = summary["failure"]
+    assert "no node joined" in failure and "num-partitions" in failure and "num-clients=3" in failure, failure
+    for nid in fed.online_nodes():  # each refusing node is named with its reason
+        assert f"node {nid}:" in failure, (nid, failure)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_node_cache_is_reused_across_rounds(federation, tmp_path) -> None:
+    caches = [tmp_path / f"cache{i}" for i in range(2)]
+    fed = federation([f"partition-id={i} num-partitions=2 cache-dir='{c}'" for i, c in enumerate(caches)])
+    run_id = fed.submit(run_config(tmp_path / "out1", rounds=3))
+    info = fed.wait(run_id, timeout=360)
+    assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
+    for c in caches:  # every round's fresh ClientApp process found the entry its first round built
+        counts = cache_counts(c)
+        assert counts["build"] == 1 and counts["hit"] >= 2, (c, counts)
+    # a key that changes the client's data (the seed draws the split) builds a new entry
+    run_id = fed.submit(run_config(tmp_path / "out2", rounds=1, seed=1))
+    info = fed.wait(run_id, timeout=240)
+    assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
+    for c in caches:
+        assert cache_counts(c)["build"] == 2, (c, cache_counts(c))
+
+
+def _lines(path: Path) -> int:
+    return len(read_jsonl(path)) if path.is_file() else 0
+
+
+def test_superlink_restart_and_resume_match_uninterrupted(federation, tmp_path) -> None:
+    from safetensors.numpy import load_file
+
+    from deltamask.engines.local import run_local
+
+    fed = federation(["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2"], database=tmp_path / "state.db")
+    a, b = tmp_path / "A", tmp_path / "B"
+    keys = {"rounds": 4, "round-timeout": 60.0, "node-wait-timeout": 90.0}
+    run1 = fed.submit(run_config(a, **keys))
+    deadline = time.time() + 300
+    while _lines(a / "metrics.jsonl") < 2:
+        assert time.time() < deadline, f"round 2 never finished\n{fed.logs()}"
+        assert not fed.run_info(run1)["status"].startswith("finished"), fed.logs()
+        time.sleep(1)
+    # the SuperLink crashes (SIGKILL to its process group); its ServerApp runs under a flower-superexec in
+    # a session of its own: note which of those processes outlive the SuperLink
+    old = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+           for pid in descendants(fed.procs["superlink"].pid)}
+    fed.kill("superlink", sig=signal.SIGKILL)
+    fed.kill("supernode1")
+    fed.start_node(1)
+    fed.start_superlink()
+    deadline = time.time() + 120
+    while len(fed.online_nodes()) < 2:
+        assert time.time() < deadline, f"the SuperNodes did not reconnect\n{fed.logs()}"
+        time.sleep(2)
+    before = (_lines(a / "metrics.jsonl"), (a / "state.safetensors").stat().st_mtime)
+    time.sleep(5)
+    observed = {
+        "orphans_alive": {pid: cmd for pid, cmd in old.items() if alive(pid)},
+        "out_dir_changed_after_restart": (_lines(a / "metrics.jsonl"), (a / "state.safetensors").stat().st_mtime) != before,
+        "rounds_in_A_at_resume": _lines(a / "metrics.jsonl"),
+        "first_run_status_after_restart": fed.run_info(run1)["status"],
+    }
+    observed["orphan_groups_killed"] = fed.reap_groups()  # nothing of the first ServerApp may stay alive
+    print("\nobserved:", json.dumps(observed, indent=1))
+    assert not any(alive(pid) for pid in old), "the first ServerApp's processes survived their process group"
+    run2 = fed.submit(run_config(a, **keys, resume=True))
+    info = fed.wait(run2, timeout=360)
+    assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
+    print("first run status at the end:", fed.run_info(run1)["status"])
+
+    cfg = tiny_config(num_clients=2, clients_per_round=2, rounds=4)
+    run_local(cfg, b)
+    sa, sb = load_file(str(a / "state.safetensors")), load_file(str(b / "state.safetensors"))
+    server_keys = sorted(k for k in sb if k.startswith("server/"))
+    assert server_keys and server_keys == sorted(k for k in sa if k.startswith("server/"))
+    for k in server_keys:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["round"] for r in ra] == [1, 2, 3, 4]
+    assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb]
+    assert [r["uplink_bits"] for r in ra] == [r["uplink_bits"] for r in rb]
+    assert json.loads((a / "summary.json").read_text())["status"] == "completed"
+    assert (a / "model.safetensors").is_file()

@@ -18,7 +18,7 @@ from ..config import Config
 from ..experiment import Experiment, build_experiment
 from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply
 from ..round import Progress, resume_config, run_rounds
-from .transport import Exchange, Transport
+from ..transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
 

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from ...config import Config
 from ...errors import RunFailed
 from ...methods import Failure, Reply
-from ..transport import Exchange, Transport
+from ...transport import Exchange, Transport
 from .client_app import METRICS_KEY
 from .records import META_KEY, RecordError, pack_payload, record_bytes, unpack_meta, unpack_payload, wire_bytes
 from .settings import FlowerSettings, config_hash

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..methods import Failure, Reply
+from .methods import Failure, Reply
 
 
 @dataclass
