@@ -3,6 +3,8 @@
     deltamask flower simulate [--config FILE.toml] [--set k=v ...] [--out DIR]   Flower's run_simulation
     deltamask flower run-config [--config FILE.toml] [--set k=v ...]            a kebab-case TOML for
                                                                                 `flwr run --run-config`
+    deltamask flower check-config FILE.toml                                     names an unknown key or bad
+                                                                                value (flwr run does not)
 """
 
 from __future__ import annotations
@@ -192,6 +194,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Flower 1.42's ``flwr run`` answers an unknown ``--run-config`` key with only "Invalid run
+    configuration" (the key is in the SuperLink's log); this names it, and checks types and values too."""
+    from ...config import load_toml
+    from .settings import resolve
+
+    cfg, settings = resolve(load_toml(args.file))
+    if settings.out_dir:
+        from .settings import out_dir_of
+
+        out_dir_of(settings, None)  # a relative out-dir is an error here too
+    print(f"{args.file}: valid ({cfg.method} on {cfg.model} / {cfg.dataset}, {cfg.rounds} rounds, {cfg.num_clients} clients)")
+    return 0
+
+
 def add_flower_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("flower", help="run on Flower (simulation) or write a run-config for `flwr run`")
     sub = p.add_subparsers(dest="flower_command", required=True)
@@ -212,3 +229,7 @@ def add_flower_parser(subparsers: Any) -> None:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--out", default=None, help="also set out-dir (made absolute)")
     r.set_defaults(func=cmd_run_config)
+
+    c = sub.add_parser("check-config", help="check a `flwr run --run-config` TOML: names an unknown key or a bad value (flwr run does not)")
+    c.add_argument("file", help="the run-config TOML (kebab-case or snake_case keys)")
+    c.set_defaults(func=cmd_check_config)
