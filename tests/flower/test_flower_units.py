@@ -127,3 +127,50 @@ def test_cli_run_config_converts_a_snake_case_preset(tmp_path, capsys) -> None:
     assert set(table) <= set(app_config_table())
     cfg, st = resolve(table)
     assert cfg == from_sources(str(preset), ["rounds=7"]) and st.out_dir == "/abs/out"
+
+
+def test_check_config_names_an_unknown_key(tmp_path, capsys) -> None:
+    from deltamask.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text(f'rounds = 3\nnum-clients = 2\nclients-per-round = 2\nout-dir = "{tmp_path / "o"}"\nresume = false\n')
+    assert main(["flower", "check-config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = 3\nnum-clientz = 2\n")
+    assert main(["flower", "check-config", str(bad)]) == 2
+    assert "num-clientz" in capsys.readouterr().err
+    rel = tmp_path / "rel.toml"
+    rel.write_text('out-dir = "runs/x"\n')
+    assert main(["flower", "check-config", str(rel)]) == 2
+    assert "absolute" in capsys.readouterr().err
+
+
+def _deployment_commands() -> list[str]:
+    """The shell commands of docs/flower.md's first code block under "## Deployment" (continuation
+    lines joined)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "flower.md").read_text()
+    section = doc[doc.index("\n## Deployment"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[: block.index("\n```")]
+    return [ln.strip() for ln in block.replace("\\\n", " ").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_docs_deployment_commands_have_the_flags_the_deploy_test_uses() -> None:
+    cmds = _deployment_commands()
+    link = next(c for c in cmds if "flower-superlink" in c)
+    node = next(c for c in cmds if "flower-supernode" in c)
+    # tests/flower/test_flower_deploy.py starts exactly these (on free ports, in their own sessions)
+    for flag in ("setsid", "--insecure", "--host 127.0.0.1", "--port 9093", "--database", "--disable-runtime-dependency-installation"):
+        assert flag in link, (flag, link)
+    for flag in ("setsid", "--insecure", "--superlink 127.0.0.1:9093", "--host 127.0.0.1", "--port $((9094 + i))",
+                 "--node-config", "partition-id=$i", "num-partitions=$N", "cache-dir="):
+        assert flag in node, (flag, node)
+    text = "\n".join(cmds)
+    assert 'address = "127.0.0.1:9093"' in text and "insecure = true" in text
+    assert 'out-dir = "$PWD/' in text  # absolute, one folder per run
+    assert "flwr run examples/flower deploy --run-config" in text and "flwr ls deploy --run-id" in text
+    assert "kill -- -$(cat supernode$i.pid)" in text and "kill -- -$(cat superlink.pid)" in text  # a SuperNode is stopped by its process group
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "flower.md").read_text()
+    for words in ("--host 0.0.0.0", "resume = true", "overwrite = true", "finished:failed", "finished:completed",
+                  "deltamask flower simulate --resume DIR", "--overwrite", "deltamask run --resume DIR"):
+        assert words in doc, words

@@ -19,6 +19,7 @@ within ``node-wait-timeout`` the run fails (:class:`~deltamask.errors.RunFailed`
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -41,10 +42,16 @@ log = logging.getLogger("deltamask")
 POLL_SECONDS = 0.1
 
 
+#: Flower 1.42 wraps a ClientApp exception as "<class 'pkg.Name'>:<'message'>"
+_FLWR_EXC = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.S)
+
+
 def _last_line(text: str | None) -> str:
-    """The last line of a traceback-like reason (the exception itself)."""
+    """The last line of a traceback-like reason (the exception itself), as ``Name: message``."""
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no reason given)"
+    last = lines[-1] if lines else "(no reason given)"
+    m = _FLWR_EXC.match(last)
+    return f"{m.group(1)}: {m.group(2)}" if m else last
 
 
 class FlowerTransport(Transport):
