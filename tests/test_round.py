@@ -160,3 +160,20 @@ def test_selection_draws_from_available_clients_only() -> None:
     assert select_clients(cfg, 4) == select_clients(cfg, 4, list(range(6)))
     sel = select_clients(cfg, 4, [1, 4])
     assert sel == [1, 4]
+
+
+def test_preset_engine_keys_are_honoured_or_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    body = "".join(f"{k.replace('_', '-')} = {json.dumps(v)}\n" for k, v in {**TINY, "rounds": 1, "head_warmup_rounds": 1}.items())
+    keep = tmp_path / "keep.toml"
+    keep.write_text(body + f'out-dir = "{out}"\n')
+    assert main(["run", "--config", str(keep)]) == 0
+    assert main(["run", "--config", str(keep)]) == EXIT_USER_ERROR  # the folder holds a run
+    assert "already holds a run" in capsys.readouterr().err
+    replace = tmp_path / "replace.toml"
+    replace.write_text(body + f'out-dir = "{out}"\noverwrite = true\n')
+    assert main(["run", "--config", str(replace)]) == 0  # the preset's overwrite counts
+    resume = tmp_path / "resume.toml"
+    resume.write_text(body + f'out-dir = "{out}"\nresume = true\n')
+    assert main(["run", "--config", str(resume)]) == EXIT_USER_ERROR  # not silently a fresh run
+    assert "--resume DIR" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, build_config, describe, from_sources, parse_sets
+from .config import ConfigError, describe
 
 EXIT_USER_ERROR = 2
 #: a run that started but failed (too many rounds without an update, no node joined): summary.json says why
@@ -37,19 +37,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .engines.local import resume_config, run_local
+    from .engines.local import run_local
+    from .round import run_target
 
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume uses the run's saved config; do not pass --config")
-        cfg = resume_config(Path(args.resume), parse_sets(args.set or []))
-        out = Path(args.resume)
-        overwrite = False
-    else:
-        cfg, engine = from_sources(args.config, args.set, with_engine=True)
-        out = Path(args.out or engine.get("out_dir") or DEFAULT_OUT)
-        # runs/latest is the scratch folder, replaced by every run; a named folder is kept unless asked
-        overwrite = args.overwrite or out == Path(DEFAULT_OUT)
+    cfg, out, overwrite, _ = run_target(args.config, args.set, args.out, args.resume, args.overwrite, DEFAULT_OUT)
+    # runs/latest is the scratch folder, replaced by every run; a named folder is kept unless asked
+    overwrite = overwrite or (not args.resume and out == Path(DEFAULT_OUT))
     summary = run_local(cfg, out, resume=bool(args.resume), overwrite=overwrite)
     fa, bu = summary.get("final_accuracy"), summary.get("mean_uplink_bpp")
     print(

@@ -114,6 +114,14 @@ def normalize_key(key: str) -> str:
     return key.strip().replace("-", "_")
 
 
+def parse_bool(text: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no`` (any case); anything else is a ValueError."""
+    low = text.strip().lower()
+    if low not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return low in ("true", "1", "yes")
+
+
 def _coerce(key: str, value: Any, from_string: bool) -> Any:
     f = FIELDS[key]
     typ = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}[f.type]
@@ -121,10 +129,7 @@ def _coerce(key: str, value: Any, from_string: bool) -> Any:
         s = value.strip()
         try:
             if typ is bool:
-                low = s.lower()
-                if low not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                value = low in ("true", "1", "yes")
+                value = parse_bool(s)
             elif typ is int:
                 value = int(s)
             elif typ is float:
@@ -244,9 +249,7 @@ def split_engine_keys(items: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
         default = ENGINE_KEYS[k][0]
         try:
             if isinstance(default, bool) and isinstance(value, str):
-                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                value = value.strip().lower() in ("true", "1", "yes")
+                value = parse_bool(value)
             engine[k.replace("-", "_")] = type(default)(value)
         except (TypeError, ValueError):
             raise ConfigError(f"engine key {key!r} expects {type(default).__name__}, got {value!r}") from None

@@ -19,7 +19,7 @@ from . import data as data_mod
 from .config import Config, ConfigError
 from .masking import MaskedNetwork
 from .methods import ClientData, Method, create_method
-from .models import load_model
+from .models import LoadedModel, load_model
 
 log = logging.getLogger("deltamask")
 
@@ -86,6 +86,15 @@ class Experiment:
         }
 
 
+def _load_backbone(cfg: Config, say: Callable[[str], None]) -> tuple[torch.device, LoadedModel]:
+    """The device and the loaded backbone, after seeding torch with the run seed: every engine and the
+    node cache build the same model (the head's init follows from this seed)."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    say(f"loading model {cfg.model}")
+    return device, load_model(cfg.model, cfg.weights)
+
+
 def build_experiment(
     cfg: Config, status: Callable[[str], None] | None = None, clients: list[int] | None = None, test: bool = True
 ) -> Experiment:
@@ -95,10 +104,7 @@ def build_experiment(
     should pass it. Everything else is the same tensors either way."""
     say = status or (lambda s: None)
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    say(f"loading model {cfg.model}")
-    loaded = load_model(cfg.model, cfg.weights)
+    device, loaded = _load_backbone(cfg, say)
     say(f"loading dataset {cfg.dataset}")
     ds = data_mod.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir or None)
     ds = data_mod.subsample(ds, cfg.train_samples or None, cfg.test_samples or None, cfg.seed)
@@ -158,10 +164,7 @@ def client_experiment_from_arrays(
     ``dataset`` holds the classes but no images; ``test_h`` / ``test_y`` are empty."""
     say = status or (lambda s: None)
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    say(f"loading model {cfg.model}")
-    loaded = load_model(cfg.model, cfg.weights)
+    device, loaded = _load_backbone(cfg, say)
     net = MaskedNetwork(loaded, len(classes), cfg.masked_blocks, cfg.mask_pattern).to(device)
     net.eval()  # build_experiment leaves the network in eval mode (prefix_outputs)
     size = cfg.image_size or loaded.input_size

@@ -30,7 +30,7 @@ import torch
 
 from . import seeding
 from .client import evaluate
-from .config import Config, ConfigError, build_config
+from .config import Config, ConfigError, build_config, from_sources, parse_sets
 from .transport import Exchange, Transport
 from .errors import RunFailed
 from .experiment import Experiment
@@ -150,6 +150,22 @@ def resume_config(out: Path, overrides: dict[str, Any]) -> Config:
         raise ConfigError(f"cannot change {', '.join(bad)} when resuming; only {', '.join(RESUME_OVERRIDABLE)} may change")
     cfg = build_config(saved)
     return build_config(overrides, base=cfg, from_strings=True)
+
+
+def run_target(
+    config_path: str | None, sets: list[str] | None, out: str | None, resume_dir: str | None, overwrite: bool, default_out: str
+) -> tuple[Config, Path, bool, dict[str, Any]]:
+    """What a run command (``deltamask run``, ``deltamask flower simulate``) runs: (config, output folder,
+    whether to replace a run there, the preset's engine keys). ``--resume DIR`` takes the saved config;
+    a preset's ``out-dir`` and ``overwrite`` count unless the command line says otherwise."""
+    if resume_dir:
+        if config_path:
+            raise ConfigError("--resume uses the run's saved config; do not pass --config")
+        return resume_config(Path(resume_dir), parse_sets(sets or [])), Path(resume_dir), False, {}
+    cfg, engine = from_sources(config_path, sets, with_engine=True)
+    if engine.get("resume"):
+        raise ConfigError(f"preset {config_path!r} sets resume = true; continue a run with --resume DIR instead")
+    return cfg, Path(out or engine.get("out_dir") or default_out), bool(overwrite or engine.get("overwrite")), engine
 
 
 def check_resumable(cfg: Config, saved: dict[str, Any], out: Path) -> None:

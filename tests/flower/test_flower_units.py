@@ -174,3 +174,23 @@ def test_docs_deployment_commands_have_the_flags_the_deploy_test_uses() -> None:
     for words in ("--host 0.0.0.0", "resume = true", "overwrite = true", "finished:failed", "finished:completed",
                   "deltamask flower simulate --resume DIR", "--overwrite", "deltamask run --resume DIR"):
         assert words in doc, words
+
+
+def test_simulate_takes_engine_keys_from_the_preset(tmp_path, monkeypatch, capsys) -> None:
+    """`deltamask flower simulate --config preset.toml` uses the preset's round-timeout, out-dir and
+    overwrite (a flag given on the command line wins); Ray is not started here."""
+    import flwr.simulation
+
+    import deltamask.engines.flower.server_app as server_app
+    from deltamask.cli import main
+
+    seen: list[dict] = []
+    monkeypatch.setattr(server_app, "make_server_app", lambda defaults=None: seen.append(dict(defaults)))
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **kw: None)
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'rounds = 2\nround-timeout = 42.0\nout-dir = "{tmp_path / "sim"}"\noverwrite = true\n')
+    assert main(["flower", "simulate", "--config", str(preset)]) == 1  # no ServerApp ran: no summary
+    assert "wrote no summary" in capsys.readouterr().err
+    assert (seen[-1]["round-timeout"], seen[-1]["out-dir"], seen[-1]["overwrite"]) == (42.0, str(tmp_path / "sim"), True)
+    assert main(["flower", "simulate", "--config", str(preset), "--round-timeout", "7"]) == 1
+    assert seen[-1]["round-timeout"] == 7.0

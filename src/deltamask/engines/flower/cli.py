@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ...config import ConfigError, from_sources, parse_sets
+from ...config import from_sources
 from .settings import FLOWER_KEYS
 
 
@@ -152,22 +152,16 @@ def _no_processes_left(timeout: float = 20.0) -> Iterator[None]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation  # imports Ray only once a simulation starts
 
-    from ...round import prepare_out, resume_config
+    from ...round import prepare_out, run_target
     from .client_app import make_client_app
     from .server_app import make_server_app
 
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume uses the run's saved config; do not pass --config")
-        out = Path(args.resume).resolve()
-        cfg = resume_config(out, parse_sets(args.set or []))
-    else:
-        cfg, engine = from_sources(args.config, args.set, with_engine=True)
-        out = Path(args.out or engine.get("out_dir") or "runs/flower").resolve()
-        if not args.overwrite:
-            prepare_out(out, overwrite=False)  # refuse a folder holding a run before Ray starts
-    defaults = {**cfg.to_dict(), "out-dir": str(out), "round-timeout": args.round_timeout,
-                "resume": bool(args.resume), "overwrite": bool(args.overwrite)}
+    cfg, out, overwrite, engine = run_target(args.config, args.set, args.out, args.resume, args.overwrite, "runs/flower")
+    out = out.resolve()
+    if not args.resume and not overwrite:
+        prepare_out(out, overwrite=False)  # refuse a folder holding a run before Ray starts
+    timeout = args.round_timeout if args.round_timeout is not None else engine.get("round_timeout", FLOWER_KEYS["round-timeout"][0])
+    defaults = {**cfg.to_dict(), "out-dir": str(out), "round-timeout": timeout, "resume": bool(args.resume), "overwrite": overwrite}
     stale = out / "summary.json"
     started = time.time()
     backend = {
@@ -219,7 +213,8 @@ def add_flower_parser(subparsers: Any) -> None:
     s.add_argument("--out", default=None, help="output folder (default: the preset's out-dir, else runs/flower); a folder holding a run is refused")
     s.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (ends exactly as an uninterrupted run)")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    s.add_argument("--round-timeout", type=float, default=FLOWER_KEYS["round-timeout"][0], help="seconds to wait for a round's replies")
+    s.add_argument("--round-timeout", type=float, default=None,
+                   help=f"seconds to wait for a round's replies (default: the preset's round-timeout, else {FLOWER_KEYS['round-timeout'][0]:g})")
     s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client (also its torch threads)")
     s.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPUs per simulated client (e.g. 0.25)")
     s.set_defaults(func=cmd_simulate)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
