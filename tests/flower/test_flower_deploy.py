@@ -126,6 +126,7 @@ class Federation:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_HOME": str(home),
+            "DELTAMASK_WORKER_DIR": str(tmp / "workers"),
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p),
         }
         self.link_port, *self.node_ports = free_ports(1 + len(node_configs))
@@ -204,6 +205,26 @@ class Federation:
             self.kill(name)
         self.reap_groups()
 
+    def workers(self) -> dict[int, str]:
+        """Live node workers of this federation: pid -> socket path (from their command lines)."""
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or not alive(int(d)):
+                continue
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"deltamask.engines.flower.worker" in cmd and str(self.tmp / "workers").encode() in b" ".join(cmd):
+                out[int(d)] = cmd[cmd.index(b"--socket") + 1].decode()
+        return out
+
+    def wait_no_workers(self, timeout: float = 10) -> None:
+        deadline = time.time() + timeout
+        while self.workers() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not self.workers(), f"node workers outlived their SuperNodes: {self.workers()}"
+
     def flwr(self, *args: str, timeout: float = 180) -> dict[str, Any]:
         r = subprocess.run([tool("flwr"), *args, "--format", "json"], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
         try:
@@ -211,10 +232,10 @@ class Federation:
         except ValueError:
             raise AssertionError(f"flwr {' '.join(args)} printed no JSON: {r.stdout}\n{r.stderr}") from None
 
-    def submit(self, run_config: dict[str, Any]) -> int:
+    def submit(self, run_config: dict[str, Any], app: Path = APP) -> int:
         rc = self.tmp / "run-config.toml"
         rc.write_text(tomli_w.dumps(run_config))
-        res = self.flwr("run", str(APP), "deploy", "--run-config", str(rc))
+        res = self.flwr("run", str(app), "deploy", "--run-config", str(rc))
         assert res.get("success"), f"{res}\n{self.logs()}"
         return int(res["run-id"])
 
@@ -254,6 +275,8 @@ def federation(tmp_path):  # noqa: ANN201
     yield make
     for fed in feds:
         fed.stop()
+    for fed in feds:  # every node worker goes with its SuperNode
+        fed.wait_no_workers()
 
 
 def run_config(out: Path, **extra: Any) -> dict[str, Any]:
@@ -279,6 +302,14 @@ def test_two_supernodes_run_two_rounds(federation, tmp_path) -> None:
     assert summary["engine"] == "flower" and summary["rounds_completed"] == 2
     assert (out / "model.safetensors").is_file() and (out / "accuracy.png").is_file()
     assert info["network-traffic"]["total-bytes"] > 0
+    # each SuperNode computed in one long-lived worker (flwr-clientapp processes only forwarded bytes)
+    logs = sorted((tmp_path / "workers").glob("node-*.log"))
+    assert len(logs) == 2 and len(fed.workers()) == 2, (logs, fed.workers())
+    for log in logs:
+        text = log.read_text()
+        assert text.count(" serving on ") == 1 and text.count("(train): ok") == 2, text
+    fed.stop()
+    fed.wait_no_workers()
 
 
 def test_killed_supernode_is_dropped_and_run_finishes(federation, tmp_path) -> None:
@@ -291,9 +322,13 @@ def test_killed_supernode_is_dropped_and_run_finishes(federation, tmp_path) -> N
         assert time.time() < deadline, f"round 1 never finished\n{fed.logs()}"
         assert not fed.run_info(run_id)["status"].startswith("finished"), fed.logs()
         time.sleep(2)
+    before = fed.workers()
+    assert len(before) == 2, before  # one per node, started in round 1
     fed.kill("supernode1")
     info = fed.wait(run_id, timeout=300)
     assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
+    after = fed.workers()
+    assert len(after) == 1 and set(after) < set(before), (before, after)  # node 1's worker went with it
     r1, r2 = read_jsonl(out / "metrics.jsonl")
     assert r1["num_replies"] == 2
     assert r2["num_replies"] == 1 and [f["client"] for f in r2["failures"]] == [1], r2["failures"]
@@ -318,14 +353,17 @@ def test_mismatched_partitions_fail_the_run(federation, tmp_path) -> None:
 
 
 def test_node_cache_is_reused_across_rounds(federation, tmp_path) -> None:
+    # node 0 computes in its node worker (the default), node 1 in each message's own process (worker='off')
     caches = [tmp_path / f"cache{i}" for i in range(2)]
-    fed = federation([f"partition-id={i} num-partitions=2 cache-dir='{c}'" for i, c in enumerate(caches)])
+    fed = federation([f"partition-id={i} num-partitions=2 cache-dir='{c}'" + (" worker='off'" if i else "") for i, c in enumerate(caches)])
     run_id = fed.submit(run_config(tmp_path / "out1", rounds=3))
     info = fed.wait(run_id, timeout=360)
     assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
-    for c in caches:  # every round's fresh ClientApp process found the entry its first round built
-        counts = cache_counts(c)
-        assert counts["build"] == 1 and counts["hit"] >= 2, (c, counts)
+    counts = cache_counts(caches[0])  # the worker built the entry once and kept it in memory
+    assert counts["build"] == 1 and counts["hit"] == 0, counts
+    counts = cache_counts(caches[1])  # every round's fresh ClientApp process found the entry its first round built
+    assert counts["build"] == 1 and counts["hit"] >= 2, counts
+    assert len(fed.workers()) == 1
     # a key that changes the client's data (the seed draws the split) builds a new entry
     run_id = fed.submit(run_config(tmp_path / "out2", rounds=1, seed=1))
     info = fed.wait(run_id, timeout=240)

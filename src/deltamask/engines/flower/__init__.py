@@ -5,13 +5,29 @@ package that imports flwr.
     from deltamask.engines.flower import make_server_app, make_client_app
     # flwr run: serverapp = "deltamask.engines.flower.server_app:app"
     #           clientapp = "deltamask.engines.flower.client_app:app"
+
+Names are loaded on first use: the deployment ClientApp process imports ``client_app`` on every
+message and must not pay for the server side (or torch).
 """
 
 from __future__ import annotations
 
-from .client_app import make_client_app
-from .server_app import make_server_app, run_server
-from .settings import FLOWER_KEYS, FlowerSettings, resolve
-from .transport import FlowerTransport
+import importlib
+from typing import Any
 
-__all__ = ["FLOWER_KEYS", "FlowerTransport", "FlowerSettings", "make_client_app", "make_server_app", "resolve", "run_server"]
+_WHERE = {
+    "make_client_app": ".client_app",
+    "make_server_app": ".server_app",
+    "run_server": ".server_app",
+    "FLOWER_KEYS": ".settings",
+    "FlowerSettings": ".settings",
+    "resolve": ".settings",
+    "FlowerTransport": ".transport",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

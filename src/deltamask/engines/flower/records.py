@@ -23,10 +23,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from ...codecs import codec_of
-from ...codecs.container import CodecError
-from ...methods.base import split_bundle
-
 PAYLOAD_KEY = "deltamask.payload"
 META_KEY = "deltamask.meta"
 STATE_ARRAYS_KEY = "deltamask.state.arrays"
@@ -43,6 +39,10 @@ class RecordError(ValueError):
 
 def payload_stype(payload: bytes) -> str:
     """``deltamask/<codec>[+<codec>...]/v1`` from the containers in the bundle (``empty`` when none)."""
+    from ...codecs import codec_of  # the codecs import torch: not at module level, which a light ClientApp loads
+    from ...codecs.container import CodecError
+    from ...methods.base import split_bundle
+
     try:
         names = [codec_of(p).name for p in split_bundle(payload)]
     except (CodecError, KeyError, ValueError):
@@ -50,13 +50,14 @@ def payload_stype(payload: bytes) -> str:
     return f"{STYPE_PREFIX}{'+'.join(names) or 'empty'}{STYPE_SUFFIX}"
 
 
-def pack_payload(payload: bytes, meta: dict[str, Any] | None = None, small: int = SMALL_PAYLOAD_BYTES) -> RecordDict:
-    """A RecordDict carrying ``payload`` unchanged (plus scalar ``meta``)."""
+def pack_payload(payload: bytes, meta: dict[str, Any] | None = None, small: int = SMALL_PAYLOAD_BYTES, stype: str | None = None) -> RecordDict:
+    """A RecordDict carrying ``payload`` unchanged (plus scalar ``meta``). ``stype``: the payload's
+    :func:`payload_stype` when the caller already has it."""
     content = RecordDict()
     if len(payload) < small:
         content[PAYLOAD_KEY] = ConfigRecord({"payload": bytes(payload)})
     else:
-        arr = Array(dtype="uint8", shape=(len(payload),), stype=payload_stype(payload), data=bytes(payload))
+        arr = Array(dtype="uint8", shape=(len(payload),), stype=stype or payload_stype(payload), data=bytes(payload))
         content[PAYLOAD_KEY] = ArrayRecord({"payload": arr})
     content[META_KEY] = ConfigRecord(dict(meta or {}))
     return content
