@@ -47,6 +47,9 @@ def add_codec_parser(subparsers: Any) -> None:
     d.add_argument("input", type=Path, help="payload file (or a filter PNG)")
     d.add_argument("-o", "--output", required=True, type=Path, help="output .npy")
     d.add_argument("--probs", type=Path, help="shared probabilities (.npy) for codecs that need them")
+    d.add_argument("--expect-n", type=int, help="the universe size / element count you expect; a payload claiming another is refused")
+    d.add_argument("--max-n", type=int, default=1 << 32,
+                   help="refuse a payload whose header claims more than this many elements, before decoding (default 2^32)")
 
     i = sub.add_parser("inspect", help="print a payload's header, sizes and bits per key as JSON")
     i.add_argument("input", type=Path, help="payload file (or a filter PNG)")
@@ -90,13 +93,18 @@ def _encode(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     from .codecs import codec_of
 
+    from .codecs.container import CodecError, unpack
+
     data = _read_payload(args.input)
     codec = codec_of(data)
+    n = unpack(data).n
+    if n > args.max_n:
+        raise CodecError(f"header claims n={n}, above --max-n {args.max_n}; raise --max-n if you trust this payload")
     if codec.kind == "mask":
         probs = _load_npy(args.probs) if args.probs else None
-        out = codec.decode(data, probs)
+        out = codec.decode(data, probs, expect_n=args.expect_n)
     else:
-        out = codec.decode(data)
+        out = codec.decode(data, expect_n=args.expect_n)
     with open(args.output, "wb") as fh:
         np.save(fh, out)
     return 0

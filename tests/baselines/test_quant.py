@@ -207,7 +207,7 @@ def test_truncated_flipped_or_wrong_length_payloads_raise(i: int) -> None:
         with pytest.raises(CodecError):
             codec.decode(bad)
     if codec.name != "i64":
-        with pytest.raises(CodecError, match="expected 999"):
+        with pytest.raises(CodecError, match="receiver expects n=999"):
             codec.decode(data, expect_n=999)
 
 

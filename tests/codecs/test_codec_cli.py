@@ -32,7 +32,12 @@ def test_encode_decode_inspect(tmp_path: Path, codec: str, capsys: pytest.Captur
     assert run(["codec", "decode", str(out), "-o", str(tmp_path / "dec.npy")]) == 0
     dec = np.load(tmp_path / "dec.npy")
     assert np.isin(idx, dec).all()
+    assert run(["codec", "decode", str(out), "-o", str(tmp_path / "x.npy"), "--expect-n", "20000"]) == 0
     capsys.readouterr()
+    assert run(["codec", "decode", str(out), "-o", str(tmp_path / "x.npy"), "--expect-n", "19999"]) != 0
+    assert "receiver expects n=19999" in capsys.readouterr().err
+    assert run(["codec", "decode", str(out), "-o", str(tmp_path / "x.npy"), "--max-n", "10000"]) != 0
+    assert "above --max-n 10000" in capsys.readouterr().err
     png = tmp_path / "f.png"
     argv = ["codec", "inspect", str(out)] + (["--png", str(png)] if codec.startswith("fuse") else [])
     assert run(argv) == 0

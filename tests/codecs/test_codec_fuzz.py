@@ -1,9 +1,13 @@
-"""Decoders fed random and mutated payloads fail only with CodecError (never another exception)."""
+"""Decoders fed random and mutated payloads fail only with CodecError (never another exception), and a
+decode that succeeds returns a well-formed result (benchmarks/fuzz_payloads.py's check_result: shape,
+dtype, range, counts that agree with the header)."""
 
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,9 @@ from make_golden import GOLDEN
 
 from deltamask.codecs import CodecError, available_codecs, get_codec
 from deltamask.codecs import container
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from fuzz_payloads import check_result  # noqa: E402
 
 WRITERS = [n for n in available_codecs() if n != "auto"]
 
@@ -28,15 +35,18 @@ def _decode_all(name: str, data: bytes) -> None:
     codec = get_codec(name)
     try:
         if codec.kind == "indices":
-            codec.decode(data)
-            codec.decode_mask(data)
+            results = [("decode", codec.decode(data)), ("decode_mask", codec.decode_mask(data))]
         elif codec.kind == "mask":
             n = len(golden_input(codec)["probs"])
-            codec.decode(data, np.full(n, 0.3))
+            results = [("decode", codec.decode(data, np.full(n, 0.3)))]
         else:
-            codec.decode(data)
+            results = [("decode", codec.decode(data))]
     except CodecError:
-        pass
+        return
+    n = container.unpack(data).n  # it decoded, so the container is valid
+    for how, out in results:
+        why = check_result(name, out, n, data, how)
+        assert why is None, f"{name}.{how} returned a malformed result on a mutated payload: {why}"
 
 
 def _recrc(body: bytes) -> bytes:

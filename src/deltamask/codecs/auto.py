@@ -80,11 +80,11 @@ class AutoCodec(IndexCodec):
             raise CodecError(f"auto: payload was written by {c.name!r}, not an index codec")
         return c  # type: ignore[return-value]
 
-    def decode(self, data: bytes) -> np.ndarray:
-        return self._inner(data).decode(data)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        return self._inner(data).decode(data, expect_n=expect_n)
 
-    def decode_mask(self, data: bytes) -> np.ndarray:
-        return self._inner(data).decode_mask(data)
+    def decode_mask(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        return self._inner(data).decode_mask(data, expect_n=expect_n)
 
     def inspect(self, data: bytes) -> dict[str, Any]:
         return self._inner(data).inspect(data)

@@ -73,14 +73,14 @@ class IndexCodec(Codec):
     def encode(self, indices: np.ndarray, n: int, seed: int = 0) -> bytes: ...
 
     @abstractmethod
-    def decode(self, data: bytes) -> np.ndarray: ...
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray: ...
 
-    def decode_mask(self, data: bytes) -> np.ndarray:
+    def decode_mask(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         """Membership of every index of ``[0, n)`` as a bool array (filters override: query-all)."""
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         check_decode_size(c.n, self.name)
         out = np.zeros(c.n, dtype=bool)
-        out[self.decode(data)] = True
+        out[self.decode(data, expect_n=expect_n)] = True
         return out
 
     def expected_false_positives(self, k: int, n: int) -> float:
@@ -102,7 +102,7 @@ class MaskCodec(Codec):
     def encode(self, mask: np.ndarray, probs: np.ndarray | None = None) -> bytes: ...
 
     @abstractmethod
-    def decode(self, data: bytes, probs: np.ndarray | None = None) -> np.ndarray: ...
+    def decode(self, data: bytes, probs: np.ndarray | None = None, *, expect_n: int | None = None) -> np.ndarray: ...
 
 
 class ArrayCodec(Codec):
@@ -114,7 +114,7 @@ class ArrayCodec(Codec):
     def encode(self, array: np.ndarray) -> bytes: ...
 
     @abstractmethod
-    def decode(self, data: bytes) -> np.ndarray: ...
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray: ...
 
 
 class ProbsCodec(Codec):
@@ -126,7 +126,7 @@ class ProbsCodec(Codec):
     def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes: ...
 
     @abstractmethod
-    def decode(self, data: bytes) -> np.ndarray: ...
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray: ...
 
     def applicable(self, counts: np.ndarray | None, total: int | None) -> bool:
         """Whether this codec can carry the given round's probabilities."""

@@ -19,9 +19,10 @@ Layout (byte offsets, all integers little-endian, unsigned)::
     ..  .. payload        codec-specific bytes
     ..  4  crc32          zlib.crc32 of every byte before it (header, params, payload)
 
-Sizes are validated against the buffer length *before* any allocation, and ``n`` / ``count`` are
-bounded by :data:`MAX_N`, so a header that claims 10^12 keys is rejected with :class:`CodecError`
-instead of being attempted.
+Sizes are validated against the buffer length *before* any allocation, ``n`` / ``count`` are
+bounded by :data:`MAX_N`, and a receiver passes the ``n`` it expects (``expect_n=``, accepted by every
+codec's ``decode``), so a header that claims 10^12 keys, or 2^32 for a 3M-weight model, is rejected
+with :class:`CodecError` instead of being attempted.
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ def pack(codec_id: int, n: int, count: int, payload: bytes, params: bytes = b"",
     return body + CRC.pack(zlib.crc32(body))
 
 
-def unpack(data: bytes | bytearray | memoryview, expect_codec_id: int | None = None) -> Container:
-    """Parse and verify a container (magic, version, sizes, CRC) without trusting any field."""
+def unpack(data: bytes | bytearray | memoryview, expect_codec_id: int | None = None, *, expect_n: int | None = None) -> Container:
+    """Parse and verify a container (magic, version, sizes, CRC) without trusting any field.
+
+    ``expect_n``: the universe size (for arrays and probabilities, the element count) the receiver
+    expects; a header that claims another ``n`` is rejected here, before anything is allocated, so a
+    decode's work and memory are bounded by the receiver's own N and the payload's length. Every
+    receiving path in deltamask passes it; without it only :data:`MAX_DECODE_N` bounds the output."""
     buf = bytes(data)
     if len(buf) < OVERHEAD_BYTES:
         raise CodecError(f"payload truncated: {len(buf)} bytes is shorter than the {OVERHEAD_BYTES}-byte header+CRC")
@@ -92,6 +98,8 @@ def unpack(data: bytes | bytearray | memoryview, expect_codec_id: int | None = N
         raise CodecError(f"unsupported format version {version} (this build reads version {FORMAT_VERSION})")
     if n > MAX_N:
         raise CodecError(f"header claims n={n}, above the limit {MAX_N}")
+    if expect_n is not None and n != expect_n:
+        raise CodecError(f"header claims n={n}, the receiver expects n={expect_n} (a payload for another model or layer)")
     if count > MAX_N:
         raise CodecError(f"header claims count={count}, above the limit {MAX_N}")
     if params_len > MAX_PARAMS_LEN:

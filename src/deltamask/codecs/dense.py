@@ -115,8 +115,8 @@ class BitpackCodec(MaskCodec):
         m = np.asarray(mask).astype(bool, copy=False).ravel()
         return pack(self.codec_id, m.size, int(m.sum()), np.packbits(m, bitorder="little").tobytes())
 
-    def decode(self, data: bytes, probs: np.ndarray | None = None) -> np.ndarray:
-        c = unpack(data, self.codec_id)
+    def decode(self, data: bytes, probs: np.ndarray | None = None, *, expect_n: int | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.payload) != (c.n + 7) // 8:
             raise CodecError(f"bitpack: {len(c.payload)} payload bytes for n={c.n}, expected {(c.n + 7) // 8}")
         m = np.unpackbits(np.frombuffer(c.payload, np.uint8), bitorder="little", count=c.n).astype(bool)
@@ -137,8 +137,8 @@ class _FloatArrayCodec(ArrayCodec):
         params = struct.pack(f"<B{a.ndim}Q", a.ndim, *a.shape)
         return pack(self.codec_id, a.size, a.size, a.astype(self.dtype).tobytes(), params)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        c = unpack(data, self.codec_id)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if not c.params or c.params[0] > 8 or len(c.params) != 1 + 8 * c.params[0]:
             raise CodecError(f"{self.name}: malformed shape block")
         shape = struct.unpack(f"<{c.params[0]}Q", c.params[1:])
@@ -177,11 +177,14 @@ class ProbsFloat32Codec(ProbsCodec):
         t = np.asarray(theta, dtype="<f4").ravel()
         return pack(self.codec_id, t.size, t.size, t.tobytes())
 
-    def decode(self, data: bytes) -> np.ndarray:
-        c = unpack(data, self.codec_id)
-        if len(c.payload) != 4 * c.n:
-            raise CodecError(f"probs-f32: {len(c.payload)} bytes for n={c.n}")
-        return np.frombuffer(c.payload, dtype="<f4").astype(np.float32)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
+        if len(c.payload) != 4 * c.n or c.count != c.n:
+            raise CodecError(f"probs-f32: {len(c.payload)} bytes and count={c.count} for n={c.n}")
+        theta = np.frombuffer(c.payload, dtype="<f4").astype(np.float32)
+        if theta.size and not (np.isfinite(theta).all() and theta.min() >= 0 and theta.max() <= 1):
+            raise CodecError("probs-f32: keep-probabilities must be finite and in [0, 1]")
+        return theta
 
 
 @register
@@ -209,8 +212,8 @@ class ProbsCountsCodec(ProbsCodec):
         params = _COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior) + hist.astype("<u4").tobytes()
         return pack(self.codec_id, c.size, c.size, body, params)
 
-    def decode_counts(self, data: bytes) -> tuple[np.ndarray, int, str, float, tuple[float, float]]:
-        c = unpack(data, self.codec_id)
+    def decode_counts(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, int, str, float, tuple[float, float]]:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) < _COUNTS_PARAMS.size:
             raise CodecError("probs-counts: parameter block too short")
         total, stat_id, eps, a0, b0 = _COUNTS_PARAMS.unpack_from(c.params)
@@ -223,8 +226,8 @@ class ProbsCountsCodec(ProbsCodec):
         counts = ans_decode_symbols(hist, c.payload, c.n)
         return counts, total, stat, eps, (a0, b0)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        counts, total, stat, eps, prior = self.decode_counts(data)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        counts, total, stat, eps, prior = self.decode_counts(data, expect_n=expect_n)
         return theta_from_counts(counts, total, stat, eps, prior)
 
 
@@ -242,8 +245,8 @@ class ProbsQ8Codec(ProbsCodec):
         hist, body = ans_encode_symbols(q, 256)
         return pack(self.codec_id, q.size, q.size, body, hist.astype("<u4").tobytes())
 
-    def decode(self, data: bytes) -> np.ndarray:
-        c = unpack(data, self.codec_id)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if c.count != c.n:
             raise CodecError(f"probs-q8: n={c.n} and count={c.count} disagree")
         hist = _read_hist(c.params, 256)

@@ -84,8 +84,8 @@ class GolombRiceCodec(IndexCodec):
             rem = b""
         return pack(self.codec_id, n, k, unary + rem, _GOLOMB_PARAMS.pack(b, unary_bits))
 
-    def decode(self, data: bytes) -> np.ndarray:
-        c = unpack(data, self.codec_id)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) != _GOLOMB_PARAMS.size:
             raise CodecError(f"golomb: parameter block has {len(c.params)} bytes, expected {_GOLOMB_PARAMS.size}")
         b, unary_bits = _GOLOMB_PARAMS.unpack(c.params)
@@ -200,10 +200,10 @@ class AnsIndexCodec(IndexCodec):
         params = _ANS_PARAMS.pack(b, lo, hist.size, ratio) + hist.astype("<u4").tobytes()
         return pack(self.codec_id, n, k, raw + words, params)
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         import constriction
 
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) < _ANS_PARAMS.size:
             raise CodecError(f"ans: parameter block has {len(c.params)} bytes, expected >= {_ANS_PARAMS.size}")
         b, lo, qsize, ratio = _ANS_PARAMS.unpack_from(c.params)
@@ -298,10 +298,10 @@ class BernoulliAnsCodec(MaskCodec):
             words = coder.get_compressed().astype("<u4").tobytes()
         return pack(self.codec_id, m.size, int(m.sum()), words, _BERN_PARAMS.pack(self.eps))
 
-    def decode(self, data: bytes, probs: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, data: bytes, probs: np.ndarray | None = None, *, expect_n: int | None = None) -> np.ndarray:
         import constriction
 
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) != _BERN_PARAMS.size:
             raise CodecError(f"bernoulli-ans: parameter block has {len(c.params)} bytes, expected {_BERN_PARAMS.size}")
         (eps,) = _BERN_PARAMS.unpack(c.params)

@@ -486,9 +486,9 @@ class FuseCodec(IndexCodec):
                              self.fp_bits, 0)
         return pack(self.codec_id, n, idx.size, f.fingerprints.astype(f"<u{self.fp_bits // 8}").tobytes(), params)
 
-    def filter_of(self, data: bytes) -> tuple[FuseFilter, int, int]:
+    def filter_of(self, data: bytes, expect_n: int | None = None) -> tuple[FuseFilter, int, int]:
         """Parse and validate a payload: (filter, n, number of keys)."""
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) != PARAMS.size:
             raise CodecError(f"{self.name}: parameter block has {len(c.params)} bytes, expected {PARAMS.size}")
         seed, sl, sc, al, arity, bits, _ = PARAMS.unpack(c.params)
@@ -507,14 +507,14 @@ class FuseCodec(IndexCodec):
         fps = np.frombuffer(c.payload, dtype=f"<u{nb}").astype(np.uint8 if nb == 1 else np.uint16)
         return FuseFilter(FuseLayout(arity, sl, sc), self.fp_bits, seed, fps), c.n, c.count
 
-    def decode_mask(self, data: bytes, backend: str = "auto") -> np.ndarray:
+    def decode_mask(self, data: bytes, backend: str = "auto", *, expect_n: int | None = None) -> np.ndarray:
         """Query every index of ``[0, n)`` (members plus ~``2^-b`` of the rest)."""
-        f, n, _ = self.filter_of(data)
+        f, n, _ = self.filter_of(data, expect_n)
         check_decode_size(n, self.name)
         return f.query_range(n, backend=backend)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        return np.flatnonzero(self.decode_mask(data)).astype(np.int64)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        return np.flatnonzero(self.decode_mask(data, expect_n=expect_n)).astype(np.int64)
 
     def expected_false_positives(self, k: int, n: int) -> float:
         return (n - k) * 2.0 ** -self.fp_bits

@@ -123,7 +123,7 @@ class QSGDCodec(ArrayCodec):
         return pack(self.codec_id, a.size, a.size, payload, _QSGD_PARAMS.pack(self.levels, self.bucket))
 
     def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) != _QSGD_PARAMS.size:
             raise CodecError(f"qsgd: parameter block has {len(c.params)} bytes, expected {_QSGD_PARAMS.size}")
         s, bucket = _QSGD_PARAMS.unpack(c.params)
@@ -141,9 +141,9 @@ class QSGDCodec(ArrayCodec):
         if not np.isfinite(norms).all() or (norms < 0).any():
             raise CodecError("qsgd: bucket norms must be finite and >= 0")
         q = ans_decode_symbols(hist, c.payload[head:], n) - s
-        pad = np.zeros(nb * b)
-        pad[:n] = q
-        out = (pad.reshape(nb, b) * (norms[:, None] / s)).ravel()[:n]
+        # q_i * (norm of i's bucket / s), in O(n): never a padded nb*b array (a forged bucket size of
+        # 2^32 made that 32 GiB for a 100-byte payload). Same float64 operations, same result.
+        out = q * (norms / s)[np.arange(n, dtype=np.int64) // b]
         return out.astype(np.float32)
 
 
@@ -171,7 +171,7 @@ class SignCodec(ArrayCodec):
 
     def decode_signs(self, data: bytes, expect_n: int | None = None) -> tuple[np.ndarray, float]:
         """(signs as int8 +-1, scale)."""
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
         if len(c.params) != _SIGN_PARAMS.size or c.count != c.n:
             raise CodecError("sign1: malformed header")
@@ -230,7 +230,7 @@ class TopKCodec(ArrayCodec):
 
     def decode_sparse(self, data: bytes, expect_n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(indices, float32 values, n)."""
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
         if len(c.params) != _TOPK_PARAMS.size:
             raise CodecError("topk: malformed parameter block")
@@ -390,7 +390,7 @@ class DriveCodec(ArrayCodec):
         return pack(self.codec_id, x.size, x.size, payload, _ROT_PARAMS.pack(seed & ((1 << 64) - 1), self.block), flags)
 
     def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
         if len(c.params) != _ROT_PARAMS.size or c.count != c.n:
             raise CodecError("drive: malformed header")
@@ -465,7 +465,7 @@ class EdenCodec(ArrayCodec):
         return pack(self.codec_id, x.size, x.size, payload, params)
 
     def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
-        c = unpack(data, self.codec_id)
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
         if len(c.params) != _EDEN_PARAMS.size or c.count != c.n:
             raise CodecError("eden: malformed header")
@@ -507,8 +507,8 @@ class Int64Codec(ArrayCodec):
             raise CodecError(f"i64: expects a 1-D integer vector of at most {self.MAX_LEN} entries, got {a.dtype} {a.shape}")
         return pack(self.codec_id, a.size, a.size, a.astype("<i8").tobytes())
 
-    def decode(self, data: bytes) -> np.ndarray:
-        c = unpack(data, self.codec_id)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        c = unpack(data, self.codec_id, expect_n=expect_n)
         if c.n > self.MAX_LEN or c.count != c.n or len(c.payload) != 8 * c.n:
             raise CodecError(f"i64: header says {c.n} values, payload has {len(c.payload)} bytes")
         return np.frombuffer(c.payload, "<i8").astype(np.int64)

@@ -203,8 +203,11 @@ class Method(ABC):
         return self.head_codec.encode(np.concatenate([weight, bias[:, None]], axis=1))
 
     def decode_head(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        arr = codec_of(data).decode(data)
         c, d1 = self.net.head.weight.shape[0], self.net.head.weight.shape[1] + 1
+        codec = codec_of(data)
+        if codec.name != self.head_codec.name:
+            raise CodecError(f"head payload written by {codec.name}, this run sends the head as {self.head_codec.name}")
+        arr = codec.decode(data, expect_n=c * d1)
         if arr.shape != (c, d1):
             raise CodecError(f"head payload has shape {arr.shape}, expected {(c, d1)}")
         return arr[:, :-1].copy(), arr[:, -1].copy()

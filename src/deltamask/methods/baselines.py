@@ -105,7 +105,7 @@ class SignSGD(WeightMethod):
             return self.codec.encode(u, scale=float(np.abs(u).mean())), {}
         p = _ErrorFeedback.add(u, ctx)
         payload = self.codec.encode(p)
-        err = _ErrorFeedback.keep(p, self.codec.decode(payload), ctx)
+        err = _ErrorFeedback.keep(p, self.codec.decode(payload, expect_n=p.size), ctx)
         return payload, {"ef_error_norm": err}
 
     def server_update(self, estimates, weights, replies, round_):  # type: ignore[no-untyped-def]
@@ -143,7 +143,7 @@ class TopK(WeightMethod):
     def compress(self, u, ctx):  # type: ignore[no-untyped-def]
         p = _ErrorFeedback.add(u, ctx)
         payload = self.codec.encode(p)
-        err = _ErrorFeedback.keep(p, self.codec.decode(payload), ctx)
+        err = _ErrorFeedback.keep(p, self.codec.decode(payload, expect_n=p.size), ctx)
         return payload, {"ef_error_norm": err, "num_keys": float(self.codec.k_for(p.size))}
 
 

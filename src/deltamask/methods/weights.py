@@ -31,7 +31,6 @@ then the sync parts. Uplink message: one container, the method's compressed upda
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -86,12 +85,10 @@ class WeightMethod(_HeadRounds):
     def decompress(self, payload: bytes) -> np.ndarray:
         """Server: the estimate of a client's update from its payload."""
         codec = codec_of(payload)
-        if codec.kind != "array":
-            raise CodecError(f"{self.name} expects an array payload, got {codec.name}")
-        if "expect_n" in inspect.signature(codec.decode).parameters:  # sparse/entropy codecs: check n first
-            est = codec.decode(payload, expect_n=self.p)  # type: ignore[call-arg]
-        else:  # dense codecs: the allocation is bounded by the payload's own length
-            est = codec.decode(payload)
+        allowed = {c.name for c in (self.f32, getattr(self, "codec", None)) if c is not None}
+        if codec.name not in allowed:
+            raise CodecError(f"{self.name} expects a {' or '.join(sorted(allowed))} payload, got {codec.name}")
+        est = codec.decode(payload, expect_n=self.p)  # the header's n is checked before anything is allocated
         est = np.asarray(est, np.float32).ravel()
         if est.shape != (self.p,):
             raise CodecError(f"update has {est.size} entries, expected {self.p}")
@@ -217,7 +214,7 @@ class WeightMethod(_HeadRounds):
         parts = split_bundle(downlink)
         if not parts or codec_of(parts[0]).name != "i64":
             raise ClientFailure("downlink does not start with the sync manifest")
-        man = self.manifest.decode(parts[0])
+        man = self.manifest.decode(parts[0], expect_n=5)
         if man.size != 5:
             raise ClientFailure(f"sync manifest has {man.size} fields, expected 5")
         nhead, mode, a, b, nsync = (int(x) for x in man)
@@ -237,7 +234,7 @@ class WeightMethod(_HeadRounds):
                 v = (v + self.decode_update(p)).astype(np.float32)
             ver = b
         elif mode == MODE_DENSE:
-            d = self.f32.decode(sync[0]).astype(np.float32).ravel()
+            d = self.f32.decode(sync[0], expect_n=self.p).astype(np.float32).ravel()
             if d.shape != (self.p,):
                 raise ClientFailure(f"dense sync has {d.size} entries, expected {self.p}")
             v, ver = d, b
