@@ -177,3 +177,40 @@ def test_preset_engine_keys_are_honoured_or_refused(tmp_path, capsys) -> None:
     resume.write_text(body + f'out-dir = "{out}"\nresume = true\n')
     assert main(["run", "--config", str(resume)]) == EXIT_USER_ERROR  # not silently a fresh run
     assert "--resume DIR" in capsys.readouterr().err
+
+
+def test_local_round_timeout_only_when_set(tmp_path, monkeypatch) -> None:
+    import deltamask.engines.local as local
+
+    class Clock:  # virtual time: only a scripted hang advances it, so the test does not depend on load
+        now = 0.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
+    monkeypatch.setattr(local, "time", Clock)
+
+    def slow(rnd: int, cid: int) -> None:
+        if (rnd, cid) == (2, 0):
+            Clock.now += 0.6
+        return None
+
+    cfg = tiny_config(rounds=2, clients_per_round=3)
+    run_local(cfg, tmp_path / "a", fault=slow, round_timeout=0.5)
+    r2 = read_jsonl(tmp_path / "a" / "metrics.jsonl")[1]
+    assert [(f["client"], f["kind"]) for f in r2["failures"]] == [(0, "timeout")], r2["failures"]
+    assert "round-timeout 0.5 s (took 0.6 s)" in r2["failures"][0]["reason"]
+    run_local(cfg, tmp_path / "b", fault=slow)  # unset: the slow client is waited for
+    assert read_jsonl(tmp_path / "b" / "metrics.jsonl")[1]["failures"] == []
+
+
+def test_engine_keys_through_set(tmp_path, capsys) -> None:
+    from deltamask.cli import main
+
+    out = tmp_path / "o"
+    sets = [f"{k}={v}" for k, v in TINY.items()] + ["rounds=1", f"out-dir={out}"]
+    args = ["run"] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0 and (out / "summary.json").is_file()  # --set out-dir is where it went
+    assert main(args + ["--set", "resume=true"]) == 2
+    assert "--resume DIR" in capsys.readouterr().err

@@ -40,10 +40,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engines.local import run_local
     from .round import run_target
 
-    cfg, out, overwrite, _ = run_target(args.config, args.set, args.out, args.resume, args.overwrite, DEFAULT_OUT)
+    cfg, out, overwrite, engine = run_target(args.config, args.set, args.out, args.resume, args.overwrite, DEFAULT_OUT)
     # runs/latest is the scratch folder, replaced by every run; a named folder is kept unless asked
     overwrite = overwrite or (not args.resume and out == Path(DEFAULT_OUT))
-    summary = run_local(cfg, out, resume=bool(args.resume), overwrite=overwrite)
+    # round-timeout applies locally only where the preset sets it: local clients otherwise take their time
+    summary = run_local(cfg, out, resume=bool(args.resume), overwrite=overwrite, round_timeout=engine.get("round_timeout"))
     fa, bu = summary.get("final_accuracy"), summary.get("mean_uplink_bpp")
     print(
         f"{cfg.method}: final accuracy {fa:.4f} (best {summary.get('best_accuracy', 0):.4f}), "

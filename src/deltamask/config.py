@@ -230,7 +230,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 #: ``out-dir``; the others steer the Flower engine only). (default, help)
 ENGINE_KEYS: dict[str, tuple[Any, str]] = {
     "out-dir": ("", "where the run is written; Flower: an absolute path (empty: ~/deltamask-runs/flower-RUN_ID)"),
-    "round-timeout": (600.0, "Flower: seconds the server waits for a round's replies; a client not back by then is dropped"),
+    "round-timeout": (600.0, "seconds the server waits for a round's replies; a client not back by then is dropped (Flower; the local engine only when a run sets it)"),
     "node-wait-timeout": (120.0, "Flower: seconds the server waits before round 1 for num-clients nodes; none at all fails the run"),
     "resume": (False, "Flower: continue the interrupted run in out-dir (locally: deltamask run --resume DIR)"),
     "overwrite": (False, "replace a run already in out-dir (otherwise it is refused)"),
@@ -272,7 +272,9 @@ def from_sources(toml_path: str | None = None, sets: list[str] | None = None, wi
     (:data:`ENGINE_KEYS`); ``with_engine=True`` returns ``(config, engine keys)``."""
     preset, engine = split_engine_keys(load_toml(toml_path)) if toml_path else ({}, {})
     cfg = build_config(preset) if toml_path else Config()
-    cfg = build_config(parse_sets(sets or []), base=cfg, from_strings=True)
+    set_items, set_engine = split_engine_keys(parse_sets(sets or []))
+    engine.update(set_engine)
+    cfg = build_config(set_items, base=cfg, from_strings=True)
     return (cfg, engine) if with_engine else cfg
 
 

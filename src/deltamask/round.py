@@ -97,6 +97,8 @@ def round_record(
     n_up = max(len(replies), 1)
     n_down = max(len(downlink_bits), 1)
     bound = [c["bound_bits"] for c in agg.clients if "bound_bits" in c]
+    dropped = {d.client for d in agg.dropped}
+    accepted = [r for r in replies if r.client_id not in dropped]  # a malformed reply's metrics do not count
     rec: dict[str, Any] = {
         "round": round_,
         "phase": agg.phase,
@@ -112,7 +114,7 @@ def round_record(
         "uplink_bpp_all": up / n_up / n_all,
         "downlink_bpp_all": down / n_down / n_all,
         "uplink_bound_bpp": (sum(bound) / len(bound) / n) if bound else None,
-        "train_loss": float(np.mean([r.metrics.get("train_loss", np.nan) for r in replies])) if replies else None,
+        "train_loss": float(np.mean([r.metrics.get("train_loss", np.nan) for r in accepted])) if accepted else None,
         "seconds": seconds,
     }
     if agg.clients:
@@ -164,7 +166,7 @@ def run_target(
         return resume_config(Path(resume_dir), parse_sets(sets or [])), Path(resume_dir), False, {}
     cfg, engine = from_sources(config_path, sets, with_engine=True)
     if engine.get("resume"):
-        raise ConfigError(f"preset {config_path!r} sets resume = true; continue a run with --resume DIR instead")
+        raise ConfigError("resume = true (in the preset or --set) is a Flower run-config key; continue a run with --resume DIR instead")
     return cfg, Path(out or engine.get("out_dir") or default_out), bool(overwrite or engine.get("overwrite")), engine
 
 

@@ -2,14 +2,18 @@
 
 Clients run one after another in this process; their caches (last theta / head received) live here
 and are saved with the run state, so a resumed run continues with them. The round itself is
-:func:`deltamask.round.run_rounds`'s. A client that raises fails with its reason; ``fault`` (tests
-only) is called as ``fault(round, client)`` before each update and may raise, or return bytes to send
-in place of the real reply (a misbehaving client).
+:func:`deltamask.round.run_rounds`'s. A client that raises fails with its reason. With
+``round_timeout`` (the ``round-timeout`` engine key, when a run sets it) a client whose update took
+longer is dropped as ``timeout``, as a Flower server would drop it; unset, local clients take as long as
+they need. ``fault`` (tests only) is called as ``fault(round, client)`` before each update and may raise,
+sleep, or return bytes to send in place of the real reply, or a function of the real reply's payload
+that returns the bytes to send (a misbehaving client).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +26,9 @@ from ..transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
 
-#: test hook: called as fault(round, client_id) before a client's update; may raise, or return
-#: bytes that replace the client's reply payload
-FaultHook = Callable[[int, int], "bytes | None"]
+#: test hook: called as fault(round, client_id) before a client's update; may raise, sleep, or return
+#: bytes that replace the client's reply payload, or a function payload -> bytes to send instead
+FaultHook = Callable[[int, int], "bytes | Callable[[bytes], bytes] | None"]
 
 __all__ = ["LocalTransport", "resume_config", "run_local"]
 
@@ -34,9 +38,12 @@ class LocalTransport(Transport):
 
     name = "local"
 
-    def __init__(self, exp: Experiment, fault: FaultHook | None = None) -> None:
+    def __init__(self, exp: Experiment, fault: FaultHook | None = None, round_timeout: float | None = None) -> None:
+        if round_timeout is not None and not round_timeout > 0:
+            raise ValueError(f"round_timeout must be > 0, got {round_timeout}")
         self.exp = exp
         self.fault = fault
+        self.round_timeout = round_timeout
         self.states: dict[int, dict[str, Any]] = {}
         self.data: dict[int, ClientData] = {}
 
@@ -45,17 +52,24 @@ class LocalTransport(Transport):
         for cid, payload in downlinks.items():
             data = self.data.get(cid) or self.data.setdefault(cid, self.exp.client_data(cid))
             ctx = ClientContext(round_, cid, self.exp.cfg.seed, self.states.setdefault(cid, {}))
+            t0 = time.monotonic()
             try:
                 forged = self.fault(round_, cid) if self.fault is not None else None
                 if data.num_samples == 0:
                     raise ClientFailure("client has no training data")
                 reply = self.exp.method.client_update(payload, data, ctx)
                 if forged is not None:
-                    reply = Reply(cid, forged, reply.num_samples, reply.metrics)
-                ex.replies[cid] = reply
+                    sent = forged(reply.payload) if callable(forged) else forged
+                    reply = Reply(cid, sent, reply.num_samples, reply.metrics)
             except Exception as e:  # noqa: BLE001 - a crashing client must not end the run
                 log.debug("%s", traceback.format_exc())
                 ex.failures[cid] = Failure(cid, f"{type(e).__name__}: {e}", "error")
+                continue
+            took = time.monotonic() - t0
+            if self.round_timeout is not None and took > self.round_timeout:
+                ex.failures[cid] = Failure(cid, f"no reply within round-timeout {self.round_timeout:g} s (took {took:.1f} s)", "timeout")
+                continue
+            ex.replies[cid] = reply
         return ex
 
     def forget(self, client_id: int) -> None:
@@ -77,10 +91,13 @@ def run_local(
     stop_after: int | None = None,
     experiment: Experiment | None = None,
     overwrite: bool = True,
+    round_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment in-process; returns the summary. ``stop_after`` ends the run
     after that round without finishing it (to test resume). ``overwrite=False`` refuses an output
-    folder that already holds a run (the CLI's default for a named ``--out``)."""
+    folder that already holds a run (the CLI's default for a named ``--out``). ``round_timeout``:
+    drop a client whose update takes longer (seconds; None: no limit)."""
     progress = Progress(cfg.progress, cfg.rounds)
     exp = experiment or build_experiment(cfg, progress.say)
-    return run_rounds(exp, LocalTransport(exp, fault), out_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress)
+    transport = LocalTransport(exp, fault, round_timeout)
+    return run_rounds(exp, transport, out_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress)

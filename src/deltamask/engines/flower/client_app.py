@@ -112,6 +112,10 @@ def make_client_app(defaults: dict[str, Any] | None = None, fault: FaultHook | N
         save_client_state(context.state, new_state)
         if action == "malformed":
             payload, stype = b"DMSK" + bytes(range(256)) * 3, None
+        elif action:  # a scripted payload fault (tests only): the real reply, forged
+            from ...faults import forge
+
+            payload, stype = forge(action, payload), None
         content = pack_payload(
             payload, {"round": rnd, "client-id": pid, "num-samples": n, "client-seconds": time.time() - t0}, stype=stype,
         )

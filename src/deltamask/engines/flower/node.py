@@ -90,7 +90,8 @@ def uses_worker(node_config: Mapping[str, Any]) -> bool:
 class ScriptedFault:
     """Test hook: misbehave as scripted. ``script`` holds ``(round, client, kind)`` with kind ``raise``
     (the update raises), ``malformed`` (the reply payload is garbage), ``hang:SECONDS`` (sleep, to
-    overrun the round timeout) or ``exit`` (the ClientApp process dies). Picklable, so it reaches
+    overrun the round timeout), ``exit`` (the ClientApp process dies), or a payload fault of
+    :func:`deltamask.faults.forge` (the reply is computed, then forged). Picklable, so it reaches
     simulation workers. It runs in the ClientApp process, before any work is handed to a node worker."""
 
     script: tuple[tuple[int, int, str], ...]
@@ -111,9 +112,15 @@ class ScriptedFault:
 
 
 def node_fault(node_config: Mapping[str, Any], pid: int) -> ScriptedFault | None:
-    """``node_config["test-fault"] = "KIND@ROUND"``: this node misbehaves in that round (tests only)."""
+    """``node_config["test-fault"] = "KIND@ROUND[,KIND@ROUND...]"``: this node misbehaves in those rounds
+    (tests only). KIND: ``raise``, ``hang:SECONDS``, ``exit``, ``malformed``, or a payload fault of
+    :data:`deltamask.faults.PAYLOAD_FAULTS` (``truncated``, ``oversized``, ``wrong-codec``, ``wrong-n``,
+    ``n32``), applied to the real reply."""
     spec = node_config.get("test-fault")
     if not spec:
         return None
-    kind, _, rnd = str(spec).rpartition("@")
-    return ScriptedFault(((int(rnd), pid, kind),))
+    script = []
+    for item in str(spec).split(","):
+        kind, _, rnd = item.strip().rpartition("@")
+        script.append((int(rnd), pid, kind))
+    return ScriptedFault(tuple(script))
