@@ -431,3 +431,59 @@ def test_superlink_restart_and_resume_match_uninterrupted(federation, tmp_path) 
     assert [r["uplink_bits"] for r in ra] == [r["uplink_bits"] for r in rb]
     assert json.loads((a / "summary.json").read_text())["status"] == "completed"
     assert (a / "model.safetensors").is_file()
+
+
+#: round -> (client, fault) on 4 nodes: one in four fails every round, a different way each round. The hang
+#: is last: a ClientApp that wakes after its round timed out would save its stale node state over the next
+#: round's (a Flower context race noted in the session note), which is not what this test is about.
+DEPLOY_FAULTS = {1: (3, "raise"), 2: (2, "truncated"), 3: (1, "oversized"), 4: (0, "wrong-codec"), 5: (3, "wrong-n"),
+                 6: (2, "n32"), 7: (1, "exit"), 8: (0, "hang:90")}
+
+
+def test_faults_under_load_on_four_supernodes(federation, tmp_path) -> None:
+    from safetensors.numpy import load_file
+
+    from deltamask.engines.local import run_local
+
+    spec = {c: ",".join(f"{k}@{r}" for r, (cc, k) in DEPLOY_FAULTS.items() if cc == c) for c in range(4)}
+    fed = federation([f"partition-id={c} num-partitions=4 test-fault='{spec[c]}'" for c in range(4)])
+    out = tmp_path / "out"
+    run_id = fed.submit(run_config(out, **{"num-clients": 4, "clients-per-round": 4, "min-replies": 2, "rounds": 8,
+                                           "round-timeout": 45.0, "node-wait-timeout": 120.0}))
+    # the ServerApp's peak RSS (VmHWM) as the rounds go by: a 2^32-n header in round 6 must not move it
+    hwm: dict[int, int] = {}
+    deadline = time.time() + 900
+    while not fed.run_info(run_id)["status"].startswith("finished"):
+        assert time.time() < deadline, fed.logs()
+        for pid in descendants(fed.procs["superlink"].pid):
+            try:
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    kb = int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM")).split()[1])
+                    hwm[_lines(out / "metrics.jsonl")] = kb
+            except (OSError, StopIteration, ValueError):
+                pass
+        time.sleep(1)
+    info = fed.run_info(run_id)
+    assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
+    print("\nServerApp VmHWM (KiB) by rounds done:", hwm)
+    before, after = max(v for k, v in hwm.items() if k <= 5), max(hwm.values())
+    assert after - before < 200 * 1024, hwm  # flat: the forged 2^32 header allocated nothing
+    recs = read_jsonl(out / "metrics.jsonl")
+    expected_kind = {"raise": "error", "exit": "error", "hang:90": "timeout"}
+    for r in recs:
+        cid, kind = DEPLOY_FAULTS[r["round"]]
+        assert [f["client"] for f in r["failures"]] == [cid], (r["round"], r["failures"])
+        assert r["failures"][0]["kind"] == expected_kind.get(kind, "malformed"), (kind, r["failures"])
+        assert r["num_aggregated"] == 3 and not r["skipped_update"], r
+    # each round's update is that of its healthy replies alone: the local engine with those clients raising
+    def raising(rnd: int, c: int) -> None:
+        if DEPLOY_FAULTS[rnd][0] == c:
+            raise RuntimeError("reference")
+
+    run_local(tiny_config(num_clients=4, clients_per_round=4, min_replies=2, rounds=8), tmp_path / "ref", fault=raising)
+    ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert [r["accuracy"] for r in recs] == [r["accuracy"] for r in ref]
+    sa, sb = load_file(str(out / "state.safetensors")), load_file(str(tmp_path / "ref" / "state.safetensors"))
+    for k in sb:
+        if k.startswith("server/"):
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
