@@ -145,3 +145,88 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="reset_every"):
         MaskAggregator(st, 2, 0, False)
     assert agg.total == 0
+
+
+# --- the method's aggregate (decode + aggregate + theta) against the dense path -----------------------
+
+@pytest.fixture(scope="module")
+def tiny_net():  # type: ignore[no-untyped-def]
+    from dmtest import tiny_config
+
+    from deltamask.experiment import build_experiment
+
+    return build_experiment(tiny_config(), test=False).net
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(codec="ans"),
+        dict(codec="golomb", weighted=True),
+        dict(codec="ans", reset_every=0),
+        dict(codec="ans", reset_every=0, weighted=True),
+        dict(codec="fuse8", weighted=True, reset_every=2, posterior="mean"),
+        dict(codec="fuse8"),
+        dict(codec="auto", reset_every=3),
+        dict(method="fedpm", codec="bitpack", weighted=True),
+        dict(method="fedpm", codec="bernoulli-ans", reset_every=0),
+    ],
+)
+def test_method_aggregate_equals_dense_path(tiny_net, overrides: dict) -> None:  # type: ignore[no-untyped-def]
+    """Replies decoded densely (``decode_mask``, ``r XOR member``), aggregated by the dense loop, theta
+    through an actual encode/decode of the downlink: what the server did before issue 13."""
+    from dmtest import tiny_config
+
+    from deltamask.codecs import codec_of, get_codec
+    from deltamask.methods import Reply, create_method
+
+    cfg = tiny_config(**overrides)
+    method = create_method(cfg, tiny_net)
+    n = method.n
+    rng = np.random.default_rng(len(str(overrides)))
+    state = method.init_state()
+    state.theta = rng.random(n).astype(np.float32)
+    state.theta_version = 5
+    if cfg.reset_every != 1:
+        state.alpha = (1 + 20 * rng.random(n)).astype(np.float32)
+        state.beta = (1 + 20 * rng.random(n)).astype(np.float32)
+    round_ = cfg.head_warmup_rounds + 2  # a mask round that resets only when reset_every == 1
+    reset = cfg.reset_every > 0 and (round_ - 1) % cfg.reset_every == 0
+    r = state.theta >= 0.5
+    replies, masks = [], []
+    for cid in range(4):
+        if cfg.method == "fedpm":
+            m = rng.random(n) < state.theta
+            payload = method.mask_codec.encode(m, probs=state.theta)
+            dense = codec_of(payload).decode(payload, probs=state.theta)
+        else:
+            flips = np.flatnonzero(rng.random(n) < rng.choice([0.001, 0.01, 0.05]))
+            payload = method.index_codec.encode(flips, n, seed=cid)
+            dense = r ^ codec_of(payload).decode_mask(payload)
+        replies.append(Reply(cid, payload, int(rng.integers(5, 50))))
+        masks.append(dense)
+    ref = DenseReference(state.alpha if state.alpha is not None else np.ones(n, np.float32),
+                         state.beta if state.beta is not None else np.ones(n, np.float32), reset, cfg.weighted)
+    for rep, m in zip(replies, masks):
+        ref.add(m, rep.num_samples)
+    a_ref, b_ref = ref.finish()
+    theta_ref = posterior(a_ref, b_ref, cfg.posterior, cfg.eps)
+    exact = reset and not cfg.weighted
+    down = method.counts_codec if exact else get_codec("probs-q8")
+    payload = down.encode(theta_ref, ref.counts if exact else None, len(replies) if exact else None)
+    theta_ref = codec_of(payload).decode(payload)
+
+    info = method.aggregate(state, replies, round_)
+    assert info.num_good == 4 and not info.dropped
+    np.testing.assert_array_equal(_bits(state.theta), _bits(theta_ref))
+    if exact:
+        np.testing.assert_array_equal(state.counts, ref.counts)
+        assert state.counts.dtype == np.uint8 and state.counts_total == 4
+    else:
+        assert state.counts is None
+    if cfg.reset_every != 1:
+        np.testing.assert_array_equal(_bits(state.alpha), _bits(a_ref))
+        np.testing.assert_array_equal(_bits(state.beta), _bits(b_ref))
+    else:
+        assert state.alpha is None and state.beta is None  # the default mode keeps no posterior arrays
+    assert method.theta_payload(state) == payload  # the clients get the same bytes as before
