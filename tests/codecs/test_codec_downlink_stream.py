@@ -85,3 +85,86 @@ def test_reconstruct_equals_decode_of_encode(small_chunks: int, name: str) -> No
         got = codec.reconstruct(theta, c, K)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+# --- probs-counts-rans: our own rANS, pinned against a plain-Python coder written from the spec -----------
+
+def _py_rans_encode(sym: list[int], freq: list[int]) -> tuple[list[int], list[int]]:
+    """docs/wire-format.md's probs-counts-rans, symbol by symbol in Python integers (slow, obvious)."""
+    cum = [sum(freq[:s]) for s in range(len(freq))]
+    states, words = [1 << 32] * 4, []
+    for i in reversed(range(len(sym))):
+        s, x = sym[i], states[i % 4]
+        if x >= freq[s] << 48:
+            words.append(x & 0xFFFFFFFF)
+            x >>= 32
+        states[i % 4] = (x // freq[s] << 16) + x % freq[s] + cum[s]
+    return states, words[::-1]
+
+
+def _py_rans_decode(states: list[int], words: list[int], freq: list[int], n: int) -> list[int]:
+    cum = [sum(freq[:s]) for s in range(len(freq))]
+    states, out, pos = list(states), [], 0
+    for i in range(n):
+        x = states[i % 4]
+        slot = x & 0xFFFF
+        s = max(j for j in range(len(freq)) if freq[j] and cum[j] <= slot)
+        x = freq[s] * (x >> 16) + slot - cum[s]
+        if x < 1 << 32:
+            x = x << 32 | words[pos]
+            pos += 1
+        states[i % 4] = x
+        out.append(s)
+    assert states == [1 << 32] * 4 and pos == len(words)
+    return out
+
+
+@pytest.mark.parametrize("n,total", [(1, 1), (7, 3), (500, 10), (3000, 255), (2000, 1000)])
+def test_rans_matches_the_spec_written_in_python(n: int, total: int) -> None:
+    import struct
+
+    from deltamask.codecs.container import unpack
+    from deltamask.codecs.rans import quantize_frequencies
+
+    rng = np.random.default_rng(n + total)
+    counts = np.where(rng.random(n) < 0.7, total, rng.integers(0, total + 1, n)).astype(np.uint16)
+    codec = get_codec("probs-counts-rans", "probs")
+    payload = codec.encode(None, counts, total)
+    hist = np.bincount(counts, minlength=total + 1)
+    freq = quantize_frequencies(hist)
+    assert freq.sum() == 1 << 16 and ((freq > 0) == (hist > 0)).all()
+    states, words = _py_rans_encode(counts.tolist(), freq.tolist())
+    c = unpack(payload)
+    assert list(struct.unpack_from("<4Q", c.params, len(c.params) - 32)) == states
+    assert np.frombuffer(c.payload, "<u4").tolist() == words
+    assert _py_rans_decode(states, words, freq.tolist(), n) == counts.tolist()
+    np.testing.assert_array_equal(codec.decode_counts(payload)[0], counts)
+    want = ProbsCountsCodec().decode(ProbsCountsCodec().encode(None, counts, total))
+    np.testing.assert_array_equal(codec.decode(payload).view(np.uint32), want.view(np.uint32))
+
+
+def test_rans_size_matches_constriction_and_refuses_corruption() -> None:
+    rng = np.random.default_rng(1)
+    n, K = 200_000, 10
+    counts = np.where(rng.random(n) < 0.6, K, 0).astype(np.uint8)
+    hit = rng.choice(n, 8000)
+    counts[hit] = rng.integers(0, K + 1, hit.size)
+    fast = get_codec("probs-counts-rans", "probs").encode(None, counts, K)
+    slow = ProbsCountsCodec().encode(None, counts, K)
+    assert abs(len(fast) - len(slow)) <= 64 + 0.001 * len(slow)  # the lane states, and ~0.1% at most
+    codec = get_codec("probs-counts-rans", "probs")
+    from deltamask.codecs.container import HEADER, unpack
+
+    state_at = HEADER.size + len(unpack(fast).params) - 5  # inside the last lane state
+    for pos in (len(fast) - 40, state_at):  # a payload word; a lane state (the CRC is fixed up)
+        bad = bytearray(fast)
+        bad[pos] ^= 0x5A
+        import zlib
+
+        bad[-4:] = zlib.crc32(bytes(bad[:-4])).to_bytes(4, "little")
+        with pytest.raises(CodecError):
+            codec.decode(bytes(bad))
+    with pytest.raises(CodecError, match="0..10"):
+        codec.encode(None, np.array([11], np.uint8), K)
+    with pytest.raises(CodecError, match="needs integer counts"):
+        codec.encode(None, None, None)

@@ -27,6 +27,7 @@ from ..codecs import CodecError, IndexCodec, MaskCodec, ProbsCodec, codec_of, ge
 from ..codecs.container import unpack
 from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
+from ..codecs.rans import ProbsCountsRansCodec
 from ..config import ConfigError
 from ..server import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Method, Reply, join_bundle, kappa_at, parts_by_kind
@@ -105,15 +106,17 @@ class MaskMethod(_HeadRounds):
     def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
         super().__init__(cfg, net)
         self._theta_payload: tuple[int, bytes] | None = None
-        self.counts_codec = ProbsCountsCodec(cfg.posterior, cfg.eps)
+        # auto: the exact counts go down with the fast rANS coder (issue 13); an explicit counts codec is kept
+        self.counts_codec: ProbsCountsCodec = ProbsCountsRansCodec(cfg.posterior, cfg.eps)
         if cfg.downlink_codec == "auto":
             self.down_codec = None
         else:
             self.down_codec = get_codec(cfg.downlink_codec, kind="probs")
             if isinstance(self.down_codec, ProbsCountsCodec):
-                self.down_codec = self.counts_codec
+                self.down_codec = self.counts_codec = type(self.down_codec)(cfg.posterior, cfg.eps)
                 if cfg.reset_every != 1 or cfg.weighted:
-                    raise ConfigError("downlink_codec=probs-counts needs reset_every=1 and weighted=false (theta must be a function of counts)")
+                    raise ConfigError(f"downlink_codec={cfg.downlink_codec} needs reset_every=1 and weighted=false "
+                                      "(theta must be a function of counts)")
 
     def uses_masks(self) -> bool:
         return True
