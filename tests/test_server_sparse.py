@@ -161,15 +161,15 @@ def tiny_net():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(codec="ans"),
-        dict(codec="golomb", weighted=True),
-        dict(codec="ans", reset_every=0),
-        dict(codec="ans", reset_every=0, weighted=True),
-        dict(codec="fuse8", weighted=True, reset_every=2, posterior="mean"),
-        dict(codec="fuse8"),
-        dict(codec="auto", reset_every=3),
-        dict(method="fedpm", codec="bitpack", weighted=True),
-        dict(method="fedpm", codec="bernoulli-ans", reset_every=0),
+        {"codec": "ans"},
+        {"codec": "golomb", "weighted": True},
+        {"codec": "ans", "reset_every": 0},
+        {"codec": "ans", "reset_every": 0, "weighted": True},
+        {"codec": "fuse8", "weighted": True, "reset_every": 2, "posterior": "mean"},
+        {"codec": "fuse8"},
+        {"codec": "auto", "reset_every": 3},
+        {"method": "fedpm", "codec": "bitpack", "weighted": True},
+        {"method": "fedpm", "codec": "bernoulli-ans", "reset_every": 0},
     ],
 )
 def test_method_aggregate_equals_dense_path(tiny_net, overrides: dict) -> None:  # type: ignore[no-untyped-def]
@@ -230,3 +230,13 @@ def test_method_aggregate_equals_dense_path(tiny_net, overrides: dict) -> None: 
     else:
         assert state.alpha is None and state.beta is None  # the default mode keeps no posterior arrays
     assert method.theta_payload(state) == payload  # the clients get the same bytes as before
+
+
+def test_auto_downlink_uses_rans_from_a_million_weights() -> None:
+    from deltamask.codecs.dense import ProbsCountsCodec
+    from deltamask.codecs.rans import ProbsCountsRansCodec
+    from deltamask.methods.masks import RANS_MIN_N, auto_counts_codec
+
+    small, big = auto_counts_codec(RANS_MIN_N - 1, "mode", 0.01), auto_counts_codec(RANS_MIN_N, "mode", 0.01)
+    assert type(small) is ProbsCountsCodec and type(big) is ProbsCountsRansCodec
+    assert (big.stat, big.eps) == ("mode", 0.01)

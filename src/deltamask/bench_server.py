@@ -37,8 +37,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -334,7 +335,8 @@ def _in_subprocess(fn: str, kwargs: dict[str, Any], log: Callable[[str], None]) 
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env,
+                          check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")]
     if proc.returncode != 0 or not lines:
         msg = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -354,8 +356,8 @@ def bench_server(sizes: list[int], clients: list[int], densities: list[float],
         for k in clients:
             for d in densities:
                 log(f"N={n:,} K={k} density={d:g} ...")
-                row = _in_subprocess("run_case", dict(n=n, clients=k, density=d, codec_name=codec, seed=seed,
-                                                      device=device), log)
+                row = _in_subprocess("run_case", {"n": n, "clients": k, "density": d, "codec_name": codec, "seed": seed,
+                                                      "device": device}, log)
                 rows.append(row)
                 if "error" not in row:
                     log(f"  decode+aggregate {row['decode_aggregate_s_per_client']:.4f} s/client, finish "
@@ -364,7 +366,8 @@ def bench_server(sizes: list[int], clients: list[int], densities: list[float],
                         f"({row['server_bytes_per_weight']:.1f} B/weight), floor {row['floor_s']:.4f} s")
     for n, k, d in reference:
         log(f"reference (dense, before issue 13) N={n:,} K={k} density={d:g} ...")
-        ref = _in_subprocess("run_reference_case", dict(n=n, clients=k, density=d, codec_name=codec, seed=seed), log)
+        ref = _in_subprocess("run_reference_case", {"n": n, "clients": k, "density": d, "codec_name": codec,
+                                                         "seed": seed}, log)
         same = [r for r in rows if (r.get("n"), r.get("clients"), r.get("density")) == (n, k, d) and "error" not in r]
         if same and "error" not in ref:
             ref["theta_identical_to_sparse"] = ref["theta_sha"] == same[0]["theta_sha"]
@@ -379,14 +382,14 @@ def bench_server(sizes: list[int], clients: list[int], densities: list[float],
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cpu_count']} cores (load {m['loadavg_1m']}), Python {m['python']}, numpy "
-        f"{m['numpy']}, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {m['date']}. Uplink codec "
-        f"{res['codec']}; default server mode (reset every round, unweighted, posterior {res['stat']}, counts "
-        "downlink). Each phase run twice in one process, the faster reported. Floor = one in-place float32 pass "
-        "over N in the same process.",
+        (f"Machine: {m['cpu']}, {m['cpu_count']} cores (load {m['loadavg_1m']}), Python {m['python']}, numpy "
+         f"{m['numpy']}, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {m['date']}. Uplink codec "
+         f"{res['codec']}; default server mode (reset every round, unweighted, posterior {res['stat']}, counts "
+         "downlink). Each phase run twice in one process, the faster reported. Floor = one in-place float32 pass "
+         "over N in the same process."),
         "",
-        "| N | K | density | path | decode+aggregate s/client | x floor | finish s | downlink enc s | downlink dec s "
-        "| x floor | server peak GB | B/weight | client decode B/weight | floor s |",
+        ("| N | K | density | path | decode+aggregate s/client | x floor | finish s | downlink enc s | downlink dec s "
+         "| x floor | server peak GB | B/weight | client decode B/weight | floor s |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -409,8 +412,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(row(s, "sparse"))
     for r in res["reference"]:
         if "theta_identical_to_sparse" in r:
-            lines += ["", f"Reference N={r['n']:,} K={r['clients']} {r['density'] * 100:g}%: theta identical to "
-                      f"the sparse path: {r['theta_identical_to_sparse']}."]
+            lines += ["", (f"Reference N={r['n']:,} K={r['clients']} {r['density'] * 100:g}%: theta identical to "
+                           f"the sparse path: {r['theta_identical_to_sparse']}.")]
     bad = [s for s in res["rows"] if "error" not in s and not s.get("downlink_roundtrip_identical", True)]
     lines += ["", f"Downlink decode equals the server's theta bit for bit in every case: {not bad}."]
     return "\n".join(lines) + "\n"
@@ -427,8 +430,8 @@ def _case_list(text: str) -> list[tuple[int, int, float]]:
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    ints = lambda s: [int(float(x)) for x in s.split(",") if x]  # noqa: E731
-    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(float(x)) for x in s.split(",") if x]
+    floats = lambda s: [float(x) for x in s.split(",") if x]
     p.add_argument("--sizes", type=ints, default=list(DEFAULT_SIZES), help="server: comma-separated N values")
     p.add_argument("--clients", type=ints, default=list(DEFAULT_CLIENTS), help="server: comma-separated K values")
     p.add_argument("--densities", type=floats, default=list(DEFAULT_DENSITIES),

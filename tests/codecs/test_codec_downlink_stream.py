@@ -11,8 +11,7 @@ import constriction
 import numpy as np
 import pytest
 
-from deltamask.codecs import CodecError, get_codec
-from deltamask.codecs import dense
+from deltamask.codecs import CodecError, dense, get_codec
 from deltamask.codecs.dense import ProbsCountsCodec, counts_table, theta_from_counts
 
 
