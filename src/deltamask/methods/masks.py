@@ -52,7 +52,7 @@ from .base import (
 )
 
 #: From this many masked weights on, ``auto`` sends exact counts with ``probs-counts-rans``.
-RANS_MIN_N = 1 << 20
+RANS_MIN_N = 1 << 24
 
 
 def auto_counts_codec(n: int, stat: str, eps: float) -> ProbsCountsCodec:
@@ -133,9 +133,10 @@ class MaskMethod(_HeadRounds):
     def __init__(self, cfg, net) -> None:  # type: ignore[no-untyped-def]
         super().__init__(cfg, net)
         self._theta_payload: tuple[int, bytes] | None = None
-        # auto: exact counts go down with constriction's ANS for small models and with our rANS coder from
-        # 2^20 weights on, where constriction's ~14 ns/symbol starts to show (issue 13: 1.2 s to decode
-        # 86M) and rANS's ~60 extra header bytes are < 0.05% of the payload; an explicit counts codec is kept
+        # auto: exact counts go down with constriction's ANS for small models (0.03 s to decode the default
+        # experiment's 2.2M) and with our rANS coder from 2^24 weights on, where constriction's ~14 ns per
+        # symbol shows (issue 13: 1.2 s for 86M) and rANS's ~60 extra header bytes are < 0.01% of the
+        # payload; an explicit counts codec is kept
         self.counts_codec: ProbsCountsCodec = auto_counts_codec(self.n, cfg.posterior, cfg.eps)
         if cfg.downlink_codec == "auto":
             self.down_codec = None
