@@ -242,9 +242,15 @@ class MaskAggregator:
     def counts(self) -> np.ndarray:
         """How many of the round's masks keep each weight (narrowest unsigned dtype), O(N)."""
         if self.torch_device is None:
-            c = self.flips.astype(count_dtype(self.total))
-            np.subtract(c.dtype.type(self.total), c, out=c, where=self.reference)
-            return c
+            # K - flips where the reference is set, flips elsewhere: flips + r * (K - 2 flips) in the
+            # flips' unsigned dtype, whose wrap-around is exact because the result lies in 0..K
+            # (three plain passes; a ufunc with where= is ~50x slower, measured at N = 86M)
+            f = self.flips
+            c = np.multiply(f, 2, dtype=f.dtype)
+            np.subtract(f.dtype.type(self.total), c, out=c)
+            np.multiply(c, self.reference, out=c)
+            np.add(c, f, out=c)
+            return c.astype(count_dtype(self.total), copy=False)
         import torch
 
         f = self.flips.to(torch.int32)
