@@ -351,6 +351,7 @@ def bench_server(sizes: list[int], clients: list[int], densities: list[float],
     from .bench import machine_info
 
     t = time.perf_counter()
+    load_start = os.getloadavg()[0]
     rows, refs = [], []
     for n in sizes:
         for k in clients:
@@ -375,14 +376,15 @@ def bench_server(sizes: list[int], clients: list[int], densities: list[float],
         if "error" not in ref:
             log(f"  decode+aggregate {ref['decode_aggregate_s_per_client']:.4f} s/client, downlink dec "
                 f"{ref['downlink_decode_s']:.3f} s, server peak {ref['server_peak_bytes'] / 1e9:.2f} GB")
-    return {"machine": machine_info(), "codec": codec, "seed": seed, "stat": STAT, "eps": EPS, "rows": rows,
+    return {"machine": {**machine_info(), "loadavg_1m_start": load_start}, "codec": codec, "seed": seed, "stat": STAT, "eps": EPS, "rows": rows,
             "reference": refs, "goals": GOALS, "wall_s": time.perf_counter() - t}
 
 
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
-        (f"Machine: {m['cpu']}, {m['cpu_count']} cores (load {m['loadavg_1m']}), Python {m['python']}, numpy "
+        (f"Machine: {m['cpu']}, {m['cpu_count']} cores (load {m.get('loadavg_1m_start', 0):.1f} at the start, "
+         f"{m['loadavg_1m']:.1f} at the end), Python {m['python']}, numpy "
          f"{m['numpy']}, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {m['date']}. Uplink codec "
          f"{res['codec']}; default server mode (reset every round, unweighted, posterior {res['stat']}, counts "
          "downlink). Each phase run twice in one process, the faster reported. Floor = one in-place float32 pass "
