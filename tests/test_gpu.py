@@ -30,3 +30,28 @@ def test_same_seed_same_result_on_cuda(tmp_path) -> None:
     b = [strip(r) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
     assert a == b
     assert torch.cuda.is_available()
+
+
+def test_sparse_aggregation_on_cuda_equals_dense_reference() -> None:
+    """The aggregator on CUDA tensors: bit-identical to the dense loop (tests/test_server_sparse.py)."""
+    from test_server_sparse import _case
+
+    for seed in range(4):
+        for weighted in (False, True):
+            for reset in (True, False):
+                _case(300 + seed, weighted, reset, seed % 2 == 0, torch.device("cuda"))
+
+
+def test_filter_query_on_cuda_is_bit_identical() -> None:
+    import numpy as np
+
+    from deltamask.codecs import get_codec
+
+    n = 3_000_000
+    keys = np.sort(np.random.default_rng(0).choice(n, 20_000, replace=False))
+    for name in ("fuse8", "fuse16-4w"):
+        codec = get_codec(name)
+        payload = codec.encode(keys, n, seed=5)
+        got = codec.decode_mask_torch(payload, "cuda")
+        assert got.device.type == "cuda"
+        np.testing.assert_array_equal(got.cpu().numpy(), codec.decode_mask(payload))

@@ -1,4 +1,5 @@
-"""``deltamask bench``: measured benchmarks (scripts, not timed tests). First target: ``codecs``.
+"""``deltamask bench``: measured benchmarks (scripts, not timed tests). Targets: ``codecs`` and
+``server`` (the server at foundation-model scale, :mod:`deltamask.bench_server`).
 
     deltamask bench codecs [--out DIR] [--n 86000000] [--fractions 0.001,0.005,0.01,0.05] [--repeats 3]
 
@@ -42,16 +43,19 @@ TARGETS = {
 
 
 def add_bench_parser(subparsers: Any) -> None:
-    """Register the ``bench`` sub-command (target ``codecs``) on an argparse subparsers object."""
+    """Register the ``bench`` sub-command (targets ``codecs``, ``server``) on an argparse subparsers object."""
     p = subparsers.add_parser("bench", help="run a benchmark and write JSON + markdown",
                               description="Measured benchmarks; results go to --out as JSON and markdown.")
-    p.add_argument("target", choices=["codecs"], help="what to benchmark")
+    p.add_argument("target", choices=["codecs", "server"], help="what to benchmark")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output directory")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"universe size N (default {DEFAULT_N})")
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",") if x],
                    default=list(DEFAULT_FRACTIONS), help="comma-separated k/N values")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (minimum is reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random index sets")
+    from .bench_server import add_server_arguments
+
+    add_server_arguments(p)
     p.set_defaults(func=run_bench)
 
 
@@ -289,8 +293,12 @@ def markdown(res: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Handler of ``deltamask bench``."""
+    if args.target == "server":
+        from .bench_server import run_server_bench
+
+        return run_server_bench(args)
     if args.target != "codecs":
-        print(f"deltamask bench: unknown target {args.target!r}; valid: codecs", file=sys.stderr)
+        print(f"deltamask bench: unknown target {args.target!r}; valid: codecs, server", file=sys.stderr)
         return 2
     if args.n <= 0 or not args.fractions or any(not 0 < f <= 1 for f in args.fractions):
         print("deltamask bench: --n must be positive and every fraction in (0, 1]", file=sys.stderr)

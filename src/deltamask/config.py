@@ -81,7 +81,7 @@ class Config:
     kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
     # --- codecs ---
     codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")
-    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact, else q8), probs-counts, probs-q8, probs-f32")
+    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32")
     head_codec: str = _f("f32", "codec of the dense head", ("f32", "f16"))
     # --- output ---
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")

@@ -18,7 +18,10 @@ import numpy as np
 from .server import ServerState
 
 STATE_FILE = "state.safetensors"
-STATE_VERSION = 1
+#: 2: alpha/beta are optional (absent when the priors reset every round) and counts use the narrowest
+#: unsigned dtype; version-1 files (alpha/beta always present, int32 counts) are still read.
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class StateError(Exception):
@@ -45,11 +48,12 @@ def save_state(
     d = Path(directory)
     tensors: dict[str, np.ndarray] = {
         "server/theta": state.theta,
-        "server/alpha": state.alpha,
-        "server/beta": state.beta,
         "server/head_weight": state.head_weight,
         "server/head_bias": state.head_bias,
     }
+    if state.alpha is not None and state.beta is not None:
+        tensors["server/alpha"] = state.alpha
+        tensors["server/beta"] = state.beta
     if state.counts is not None:
         tensors["server/counts"] = state.counts
     for k, v in state.extra.items():
@@ -105,14 +109,15 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
             f"run state {str(path)!r} is corrupted or not a deltamask state ({type(e).__name__}: {e}); "
             "delete the output folder and start again, or restore the file"
         ) from None
-    if meta.get("state_version") != STATE_VERSION:
-        raise StateError(f"run state {str(path)!r} has version {meta.get('state_version')}, this build reads {STATE_VERSION}")
+    if meta.get("state_version") not in READABLE_VERSIONS:
+        raise StateError(f"run state {str(path)!r} has version {meta.get('state_version')}, this build reads "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     try:
         state = ServerState(
             round=int(meta["round"]),
             theta=tensors["server/theta"],
-            alpha=tensors["server/alpha"],
-            beta=tensors["server/beta"],
+            alpha=tensors.get("server/alpha"),
+            beta=tensors.get("server/beta"),
             head_weight=tensors["server/head_weight"],
             head_bias=tensors["server/head_bias"],
             head_version=int(meta["head_version"]),

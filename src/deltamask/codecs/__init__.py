@@ -6,6 +6,7 @@ Import this package to populate the registry; look codecs up with :func:`get_cod
 from . import dense, exact, fuse  # noqa: F401  (registration side effects)
 from . import auto  # noqa: F401  (after the codecs it chooses among)
 from . import quant  # noqa: F401  (the baselines' compressors)
+from . import rans  # noqa: F401  (the fast exact downlink)
 from .base import (
     ArrayCodec,
     Codec,

@@ -132,6 +132,12 @@ class ProbsCodec(Codec):
         """Whether this codec can carry the given round's probabilities."""
         return True
 
+    def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
+        """Exactly what :meth:`decode` returns for ``encode(theta, counts, total)``, computed without
+        coding (the server adopts the clients' view of theta without decoding its own payload).
+        Codecs override this with a direct computation; the tests pin it against the round trip."""
+        return self.decode(self.encode(theta, counts, total))
+
 
 _REGISTRY: dict[str, type[Codec]] = {}
 _BY_ID: dict[int, type[Codec]] = {}

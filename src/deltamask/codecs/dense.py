@@ -31,12 +31,16 @@ _STAT_IDS = {"mean": 0, "mode": 1}
 _COUNTS_PARAMS = struct.Struct("<IBfff")  # total K, stat, eps, prior_a, prior_b
 
 
-def theta_from_counts(
-    counts: np.ndarray, total: int, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)
-) -> np.ndarray:
-    """Beta-posterior keep-probability from ``counts`` ones out of ``total`` masks (float32, clipped)."""
+#: Symbols per block of the streaming ANS passes and table look-ups: bounded temporaries (a few MB)
+#: instead of int64/float64 copies of all N (86M weights: 0.7 GB each, and first-touch page faults
+#: dominated the old decode; benchmarks/RESULTS.md "server at scale").
+CHUNK = 1 << 20
+
+
+def counts_table(total: int, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """``theta`` for every count ``0..total`` (float32[total + 1]): the Beta posterior statistic, clipped."""
     a0, b0 = prior
-    c = counts.astype(np.float64)
+    c = np.arange(total + 1, dtype=np.float64)
     if stat == "mean":
         th = (a0 + c) / (a0 + b0 + total)
     elif stat == "mode":
@@ -45,6 +49,30 @@ def theta_from_counts(
     else:
         raise ValueError(f"unknown posterior statistic {stat!r}; valid: mean, mode")
     return np.clip(th, eps, 1.0 - eps).astype(np.float32)
+
+
+def lookup(table: np.ndarray, symbols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``table[symbols]`` in blocks (numpy would make an intp copy of all the indices first)."""
+    sym = np.asarray(symbols).ravel()
+    if out is None:
+        out = np.empty(sym.size, dtype=table.dtype)
+    for lo in range(0, sym.size, CHUNK):
+        np.take(table, sym[lo : lo + CHUNK], out=out[lo : lo + CHUNK], mode="raise")
+    return out
+
+
+def theta_from_counts(
+    counts: np.ndarray, total: int, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """Beta-posterior keep-probability from ``counts`` ones out of ``total`` masks (float32, clipped).
+
+    Element ``i`` is ``counts_table(...)[counts[i]]``: the statistic evaluated once per possible count
+    in float64 and looked up, the same float32 as evaluating it per element."""
+    c = np.asarray(counts)
+    table = counts_table(total, stat, eps, prior)
+    if c.size and (c.min() < 0 or c.max() > total):
+        raise ValueError(f"counts must lie in 0..{total}")
+    return lookup(table, c).reshape(c.shape)
 
 
 # --- entropy coding of small-alphabet symbols under an empirical histogram (constriction ANS) -------
@@ -56,43 +84,74 @@ def _categorical(hist: np.ndarray):
     return constriction.stream.model.Categorical(probs, perfect=False)
 
 
+def histogram(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+    """Counts of each symbol ``0..alphabet-1`` (int64), in blocks; symbols outside raise CodecError."""
+    sym = np.asarray(symbols).ravel()
+    hist = np.zeros(alphabet, dtype=np.int64)
+    for lo in range(0, sym.size, CHUNK):
+        block = sym[lo : lo + CHUNK]
+        if block.min() < 0 or block.max() >= alphabet:
+            raise CodecError(f"symbols must lie in 0..{alphabet - 1}")
+        hist += np.bincount(block, minlength=alphabet)
+    return hist
+
+
 def ans_encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, bytes]:
-    """ANS-code ``symbols`` in ``0..alphabet-1`` under their histogram; returns (histogram, bytes)."""
+    """ANS-code ``symbols`` in ``0..alphabet-1`` under their histogram; returns (histogram, bytes).
+
+    Streams blocks from the last to the first onto one ANS stack: the same pushes, in the same order,
+    as one ``encode_reverse`` of the whole array (identical bytes; the golden payloads pin it)."""
     import constriction
 
-    hist = np.bincount(symbols, minlength=alphabet).astype(np.uint32)
-    if symbols.size == 0 or np.count_nonzero(hist) <= 1:
+    sym = np.asarray(symbols).ravel()
+    hist = histogram(sym, alphabet).astype(np.uint32)
+    if sym.size == 0 or np.count_nonzero(hist) <= 1:
         return hist, b""  # a constant sequence is fully described by its histogram
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols.astype(np.int32), _categorical(hist))
+    model = _categorical(hist)
+    for lo in range(((sym.size - 1) // CHUNK) * CHUNK, -1, -CHUNK):
+        coder.encode_reverse(sym[lo : lo + CHUNK].astype(np.int32), model)
     return hist, coder.get_compressed().astype("<u4").tobytes()
 
 
-def ans_decode_symbols(hist: np.ndarray, payload: bytes, count: int) -> np.ndarray:
-    """Inverse of :func:`ans_encode_symbols`."""
+def ans_decode_symbols(hist: np.ndarray, payload: bytes, count: int, table: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`ans_encode_symbols`: the symbols (int64), or ``table[symbols]`` when a table
+    is given (decoded and looked up block by block: no array of all the symbols is ever held)."""
     import constriction
 
     if int(hist.sum()) != count:
         raise CodecError(f"histogram sums to {int(hist.sum())}, header says {count} symbols")
     check_decode_size(count, "ANS symbols")  # a constant sequence has an empty payload: bound the count
     nz = np.flatnonzero(hist)
+    out = np.empty(count, dtype=np.int64 if table is None else table.dtype)
     if count == 0:
-        return np.zeros(0, dtype=np.int64)
+        return out
     if nz.size == 1:
         if payload:
             raise CodecError("constant sequence must have an empty payload")
-        return np.full(count, nz[0], dtype=np.int64)
+        out[:] = nz[0] if table is None else table[nz[0]]
+        return out
     if len(payload) % 4:
         raise CodecError(f"ANS payload length {len(payload)} is not a multiple of 4")
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    seen = np.zeros(hist.size, dtype=np.int64)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
-        out = np.asarray(coder.decode(_categorical(hist), count), dtype=np.int64)
+        model = _categorical(hist)
+        for lo in range(0, count, CHUNK):
+            block = np.asarray(coder.decode(model, min(CHUNK, count - lo)))
+            seen += np.bincount(block, minlength=hist.size)[: hist.size]
+            if table is None:
+                out[lo : lo + block.size] = block
+            else:
+                np.take(table, block, out=out[lo : lo + block.size])
+    except CodecError:
+        raise
     except BaseException as e:  # constriction raises its own types on garbage
         raise CodecError(f"ANS stream could not be decoded: {e}") from None
     if not coder.is_empty():
         raise CodecError("ANS stream has trailing data: the payload is corrupted")
-    if np.bincount(out, minlength=hist.size)[: hist.size].tolist() != hist.tolist():
+    if seen.tolist() != hist.tolist():
         raise CodecError("decoded symbols do not match the histogram: the payload is corrupted")
     return out
 
@@ -186,6 +245,9 @@ class ProbsFloat32Codec(ProbsCodec):
             raise CodecError("probs-f32: keep-probabilities must be finite and in [0, 1]")
         return theta
 
+    def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
+        return np.asarray(theta, dtype=np.float32).ravel().copy()
+
 
 @register
 class ProbsCountsCodec(ProbsCodec):
@@ -205,7 +267,9 @@ class ProbsCountsCodec(ProbsCodec):
     def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
         if not self.applicable(counts, total):
             raise CodecError("probs-counts needs integer counts and 0 < total <= 1000 (priors reset every round)")
-        c = np.asarray(counts).astype(np.int64).ravel()
+        c = np.asarray(counts).ravel()
+        if c.size and not np.issubdtype(c.dtype, np.integer):
+            raise CodecError(f"probs-counts: counts must be integers, got {c.dtype}")
         if c.size and (c.min() < 0 or c.max() > total):
             raise CodecError(f"counts must lie in 0..{total}")
         hist, body = ans_encode_symbols(c, total + 1)
@@ -213,6 +277,11 @@ class ProbsCountsCodec(ProbsCodec):
         return pack(self.codec_id, c.size, c.size, body, params)
 
     def decode_counts(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, int, str, float, tuple[float, float]]:
+        """(counts as int64, total, statistic, eps, prior) from a payload."""
+        (hist, words, n), total, stat, eps, prior = self._parse(data, expect_n)
+        return ans_decode_symbols(hist, words, n), total, stat, eps, prior
+
+    def _parse(self, data: bytes, expect_n: int | None = None) -> tuple[tuple[np.ndarray, bytes, int], int, str, float, tuple[float, float]]:
         c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) < _COUNTS_PARAMS.size:
             raise CodecError("probs-counts: parameter block too short")
@@ -223,12 +292,19 @@ class ProbsCountsCodec(ProbsCodec):
         if c.n != c.count or c.n > MAX_N:
             raise CodecError("probs-counts: n and count disagree")
         hist = _read_hist(c.params[_COUNTS_PARAMS.size :], total + 1)
-        counts = ans_decode_symbols(hist, c.payload, c.n)
-        return counts, total, stat, eps, (a0, b0)
+        return (hist, c.payload, c.n), total, stat, eps, (a0, b0)
 
     def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
-        counts, total, stat, eps, prior = self.decode_counts(data, expect_n=expect_n)
-        return theta_from_counts(counts, total, stat, eps, prior)
+        """theta, decoded and looked up block by block (never an array of all the counts)."""
+        (hist, words, n), total, stat, eps, prior = self._parse(data, expect_n)
+        return ans_decode_symbols(hist, words, n, table=counts_table(total, stat, eps, prior))
+
+    def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
+        """theta from the counts, with eps and the prior rounded to float32 as the header carries them."""
+        if not self.applicable(counts, total):
+            raise CodecError("probs-counts needs integer counts and 0 < total <= 1000 (priors reset every round)")
+        _, _, eps, a0, b0 = _COUNTS_PARAMS.unpack(_COUNTS_PARAMS.pack(total, 0, self.eps, *self.prior))
+        return theta_from_counts(np.asarray(counts).ravel(), int(total), self.stat, eps, (a0, b0))
 
 
 @register
@@ -238,10 +314,7 @@ class ProbsQ8Codec(ProbsCodec):
     description = "keep-probabilities quantized to 8 bits (error <= 1/510), ANS-coded"
 
     def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
-        t = np.asarray(theta, dtype=np.float64).ravel()
-        if t.size and (not np.isfinite(t).all() or t.min() < 0 or t.max() > 1):
-            raise CodecError("probs-q8: probabilities must be finite and in [0, 1]")
-        q = np.rint(t * 255.0).astype(np.int64)
+        q = _quantize8(theta)
         hist, body = ans_encode_symbols(q, 256)
         return pack(self.codec_id, q.size, q.size, body, hist.astype("<u4").tobytes())
 
@@ -250,5 +323,25 @@ class ProbsQ8Codec(ProbsCodec):
         if c.count != c.n:
             raise CodecError(f"probs-q8: n={c.n} and count={c.count} disagree")
         hist = _read_hist(c.params, 256)
-        q = ans_decode_symbols(hist, c.payload, c.n)
-        return (q.astype(np.float32) / np.float32(255.0)).astype(np.float32)
+        return ans_decode_symbols(hist, c.payload, c.n, table=_Q8_TABLE)
+
+    def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
+        return lookup(_Q8_TABLE, _quantize8(theta))
+
+
+#: level q in 0..255 decodes to float32(q) / float32(255)
+_Q8_TABLE = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float32)
+
+
+def _quantize8(theta: np.ndarray | None) -> np.ndarray:
+    """``rint(theta * 255)`` as uint8, in float64 blocks; refuses non-finite or out-of-[0, 1] values."""
+    if theta is None:
+        raise CodecError("probs-q8 needs the probabilities")
+    t = np.asarray(theta).ravel()
+    q = np.empty(t.size, dtype=np.uint8)
+    for lo in range(0, t.size, CHUNK):
+        b = t[lo : lo + CHUNK].astype(np.float64)
+        if not np.isfinite(b).all() or b.min() < 0 or b.max() > 1:
+            raise CodecError("probs-q8: probabilities must be finite and in [0, 1]")
+        q[lo : lo + CHUNK] = np.rint(b * 255.0)
+    return q

@@ -513,6 +513,12 @@ class FuseCodec(IndexCodec):
         check_decode_size(n, self.name)
         return f.query_range(n, backend=backend)
 
+    def decode_mask_torch(self, data: bytes, device: Any, *, expect_n: int | None = None) -> Any:
+        """:meth:`decode_mask` on a torch device (a bool tensor there; bit-identical)."""
+        f, n, _ = self.filter_of(data, expect_n)
+        check_decode_size(n, self.name)
+        return f.query_range_torch(n, device, chunk=1 << 24 if str(device).startswith("cuda") else 1 << 22)
+
     def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         return np.flatnonzero(self.decode_mask(data, expect_n=expect_n)).astype(np.int64)
 

@@ -157,7 +157,7 @@ class Method(ABC):
     def init_state(self) -> ServerState:
         w = self.net.head.weight.detach().cpu().numpy()
         b = self.net.head.bias.detach().cpu().numpy()
-        return init_state(self.n, self.cfg.theta0, w, b)
+        return init_state(self.n, self.cfg.theta0, w, b, posterior_params=False)  # weight methods never read alpha/beta
 
     @abstractmethod
     def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
