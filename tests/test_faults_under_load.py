@@ -59,7 +59,7 @@ def comparable(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in drop and "downlink" not in k and "uplink" not in k}
 
 
-@pytest.mark.parametrize("method", ["fedavg"])  # mask methods: after their receiving paths pass expect_n
+@pytest.mark.parametrize("method", ["deltamask", "fedpm", "fedavg"])
 def test_one_in_four_clients_fails_each_round_a_different_way(tmp_path, monkeypatch, method) -> None:
     monkeypatch.setattr(local, "time", Clock)
     peaks: dict[str, list[int]] = {"faulty": [], "reference": []}

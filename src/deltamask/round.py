@@ -119,7 +119,7 @@ def round_record(
     }
     if agg.clients:
         rec["clients"] = agg.clients
-    rec.update(exp.method.record_fields(agg, replies))
+    rec.update(exp.method.record_fields(agg, accepted))
     if evaluation:
         rec.update(evaluation)
     return rec

@@ -172,7 +172,8 @@ class Method(ABC):
         """Decode replies and update ``state`` in place."""
 
     def record_fields(self, agg: Aggregation, replies: list[Reply]) -> dict[str, Any]:
-        """This method's own fields in the round's metrics line (beside the driver's generic ones)."""
+        """This method's own fields in the round's metrics line (beside the driver's generic ones), from the
+        replies it accepted (a reply dropped as malformed does not count)."""
         return {}
 
     def delivered(self, state: ServerState, client_id: int, ok: bool) -> None:

@@ -200,7 +200,7 @@ class MaskMethod(_HeadRounds):
 
     def _client_theta(self, parts: dict[str, bytes], ctx: ClientContext) -> np.ndarray:
         if "probs" in parts:
-            theta = codec_of(parts["probs"]).decode(parts["probs"])
+            theta = codec_of(parts["probs"]).decode(parts["probs"], expect_n=self.n)
             if theta.shape != (self.n,):
                 raise ClientFailure(f"theta payload has {theta.shape[0]} entries, this model masks {self.n}")
             ctx.state["theta"] = theta
@@ -352,9 +352,9 @@ class FedPM(MaskMethod):
 
     def decode_update(self, payload, theta_g):  # type: ignore[no-untyped-def]
         codec = codec_of(payload)
-        if codec.kind != "mask":
-            raise CodecError(f"fedpm expects a mask payload, got {codec.name}")
-        m = codec.decode(payload, probs=theta_g)
+        if codec.name != self.mask_codec.name:
+            raise CodecError(f"fedpm expects a {self.mask_codec.name} mask payload, got {codec.name}")
+        m = codec.decode(payload, probs=theta_g, expect_n=self.n)
         if m.shape != (self.n,):
             raise CodecError(f"mask has {m.shape[0]} entries, expected {self.n}")
         return ("mask", m), {"bound_bits": float(np.sum(_bernoulli_bits(m, theta_g)))}
@@ -399,19 +399,20 @@ class DeltaMask(MaskMethod):
         k indices (O(k + payload), never N); filters answer membership only, so their ``D_hat`` is a
         query of all N indices (dense, O(N); on the server's CUDA device when it has one)."""
         codec = codec_of(payload)
-        if codec.kind != "indices":
-            raise CodecError(f"deltamask expects an index-set payload, got {codec.name}")
+        allowed = [c.name for c in getattr(self.index_codec, "codecs", [self.index_codec])]  # auto: its candidates
+        if codec.name not in allowed:
+            raise CodecError(f"deltamask expects an index set written by {' or '.join(allowed)} (config key 'codec'), got {codec.name}")
         n = unpack(payload).n
         if n != self.n:
             raise CodecError(f"index set is over n={n}, expected {self.n}")
         dev = self.server_device()
         if isinstance(codec, FuseCodec) and dev is not None:
-            update = ("flip_mask", codec.decode_mask_torch(payload, dev))
+            update = ("flip_mask", codec.decode_mask_torch(payload, dev, expect_n=self.n))
             k = int(update[1].sum())
         elif codec.lossy:
-            update = ("flip_mask", codec.decode_mask(payload))
+            update = ("flip_mask", codec.decode_mask(payload, expect_n=self.n))
             k = int(np.count_nonzero(update[1]))
         else:
-            update = ("flips", codec.decode(payload))
+            update = ("flips", codec.decode(payload, expect_n=self.n))
             k = int(update[1].size)
         return update, {"num_members": float(k), "bound_bits": log2_binomial(self.n, k), "bits_per_key": _bits(payload) / max(k, 1)}
