@@ -255,8 +255,19 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
         exp.method.delivered(state, cid, False)
     if lost:
         log.info("resume: clients %s get theta/head re-sent (their caches are not held by the %s engine)", lost, transport.name)
-    truncate_metrics(out / "metrics.jsonl", state.round)
-    return state, read_jsonl(out / "metrics.jsonl")
+    metrics = out / "metrics.jsonl"
+    try:
+        truncate_metrics(metrics, state.round)  # drops lines of a round whose state was never saved
+        records = read_jsonl(metrics)
+    except ValueError as e:
+        raise StateError(f"cannot resume in {str(out)!r}: {e}; the summary is computed from it, so restore the file or start again") from None
+    rounds = [r.get("round") for r in records]
+    if rounds != list(range(1, state.round + 1)):
+        raise StateError(
+            f"cannot resume in {str(out)!r}: the state is at round {state.round} but {str(metrics)!r} holds rounds {rounds}; "
+            "the summary is computed from it, so restore the file or start again in a new folder"
+        )
+    return state, records
 
 
 def _skip_status(records: list[dict[str, Any]]) -> tuple[int, bool]:
