@@ -181,10 +181,15 @@ def check_resumable(cfg: Config, saved: dict[str, Any], out: Path) -> None:
 
 
 def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, engine: str, failure: str | None = None) -> dict[str, Any]:
-    """summary.json (from metrics.jsonl), plots, and, for a run that did not fail, the model artifact."""
+    """For a run that did not fail the model artifact, then summary.json (from metrics.jsonl), then the plots.
+    The artifact goes first so that a summary saying ``completed`` always has its model beside it (a kill in
+    between leaves no summary, and ``--resume`` writes both)."""
     from .artifact import save_artifact
     from .report import plot_run
 
+    if failure is None:
+        set_head(exp, state)
+        save_artifact(out / "model.safetensors", exp, state)
     records = read_jsonl(out / "metrics.jsonl")
     meta = exp.describe()
     meta.pop("masked_params", None)
@@ -199,9 +204,6 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     write_json(out / "summary.json", summary)
     if records:
         plot_run(out)
-    if failure is None:
-        set_head(exp, state)
-        save_artifact(out / "model.safetensors", exp, state)
     return summary
 
 
