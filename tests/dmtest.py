@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from deltamask.config import Config, build_config
 
 TINY = dict(
@@ -25,3 +28,30 @@ TINY = dict(
 
 def tiny_config(**overrides: object) -> Config:
     return build_config({**TINY, **overrides})
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib")
+
+
+def assert_no_pickle(folder: Path) -> int:
+    """Every file under ``folder``: no pickle suffix; a ``.safetensors`` file is exactly a safetensors file
+    (8-byte length, JSON header, data covering the rest: its first byte is a length, so it may be 0x80);
+    a ``.npy`` file loads with ``allow_pickle=False``; any other file does not open like a pickle (0x80 then
+    protocol 2-5)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        data = p.read_bytes()
+        assert p.suffix not in PICKLE_SUFFIXES, p
+        if p.suffix == ".safetensors":
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + n])
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+            assert 8 + n + max(ends, default=0) == len(data), f"{p} is not a plain safetensors file"
+        elif p.suffix == ".npy":
+            import numpy as np
+
+            np.load(p, allow_pickle=False)
+        else:
+            assert not (len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5), f"{p} starts like a pickle"
+    return len(files)

@@ -3,7 +3,8 @@
 The artifact holds no backbone weights: it names the backbone (spec and weights path, as in the
 run's config) and stores the deterministic mask ``[theta >= 0.5]`` bit-packed, the head, the class
 names and the preprocessing; weight-training baselines add ``weights.delta`` (float32[N], the trained
-change of the masked weights). :func:`load_artifact` rebuilds the network; :func:`predict` classifies
+change of the masked weights). A SHA-256 of the arrays in the metadata catches a damaged file.
+:func:`load_artifact` rebuilds the network; :func:`predict` classifies
 new images. CLI: ``deltamask predict --model OUT/model.safetensors IMAGE...``.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .state import tensor_digest
 
 ARTIFACT_VERSION = 1
 
@@ -83,6 +86,7 @@ def save_artifact(path: str | Path, exp: Any, state: Any) -> Path:
         "rounds": state.round,
         "seed": cfg.seed,
     }
+    meta["sha256"] = tensor_digest(tensors)
     p = Path(path)
     tmp = p.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"deltamask_artifact": json.dumps(meta)})
@@ -104,8 +108,17 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
         with safe_open(str(p), framework="numpy") as f:
             meta = json.loads((f.metadata() or {})["deltamask_artifact"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if "sha256" in meta and meta["sha256"] != tensor_digest(tensors):
+            raise ValueError("its arrays do not match their checksum")
+        missing = [k for k in ("head.weight", "head.bias") if k not in tensors]
+        missing += [k for k in ("model", "weights", "masked_blocks", "mask_pattern", "num_masked", "classes", "image_size", "mean", "std") if k not in meta]
+        if missing:
+            raise KeyError(f"missing {', '.join(missing)}")
     except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"model artifact {str(p)!r} is damaged or not a deltamask model ({type(e).__name__}: {e})") from None
+        raise ArtifactError(
+            f"model artifact {str(p)!r} is damaged or not a deltamask model ({type(e).__name__}: {e}); if the run's "
+            f"state.safetensors is beside it, `deltamask run --resume {str(p.parent)}` writes the artifact again, else re-run"
+        ) from None
     backbone_weights = weights if weights is not None else meta["weights"]
     if backbone_weights == "random":  # a randomly initialised backbone is rebuilt from the run's seed
         torch.manual_seed(int(meta.get("seed", 0)))

@@ -106,7 +106,7 @@ def _decode(args: argparse.Namespace) -> int:
     else:
         out = codec.decode(data, expect_n=args.expect_n)
     with open(args.output, "wb") as fh:
-        np.save(fh, out)
+        np.save(fh, out, allow_pickle=False)
     return 0
 
 

@@ -59,9 +59,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: str | Path, last_round: int) -> None:
-    """Keep the lines of rounds <= last_round (used when resuming)."""
+    """Keep the lines of rounds <= last_round (used when resuming). An unreadable *last* line is the torn
+    append of a round whose state was never saved (the state is written after its line), so it is dropped;
+    an unreadable line before it is damage, and raises ``ValueError``."""
     p = Path(path)
-    keep = [r for r in read_jsonl(p) if r.get("round", 0) <= last_round] if p.is_file() else []
+    keep = []
+    if p.is_file():
+        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        for i, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines):
+                    break
+                raise ValueError(f"{p}: line {i} is not valid JSON") from None
+            if rec.get("round", 0) <= last_round:
+                keep.append(rec)
     tmp = p.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
     os.replace(tmp, p)

@@ -183,10 +183,15 @@ def check_resumable(cfg: Config, saved: dict[str, Any], out: Path) -> None:
 
 
 def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, engine: str, failure: str | None = None) -> dict[str, Any]:
-    """summary.json (from metrics.jsonl), plots, and, for a run that did not fail, the model artifact."""
+    """For a run that did not fail the model artifact, then summary.json (from metrics.jsonl), then the plots.
+    The artifact goes first so that a summary saying ``completed`` always has its model beside it (a kill in
+    between leaves no summary, and ``--resume`` writes both)."""
     from .artifact import save_artifact
     from .report import plot_run
 
+    if failure is None:
+        set_head(exp, state)
+        save_artifact(out / "model.safetensors", exp, state)
     records = read_jsonl(out / "metrics.jsonl")
     meta = exp.describe()
     meta.pop("masked_params", None)
@@ -201,9 +206,6 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     write_json(out / "summary.json", summary)
     if records:
         plot_run(out)
-    if failure is None:
-        set_head(exp, state)
-        save_artifact(out / "model.safetensors", exp, state)
     return summary
 
 
@@ -257,8 +259,19 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
         exp.method.delivered(state, cid, False)
     if lost:
         log.info("resume: clients %s get theta/head re-sent (their caches are not held by the %s engine)", lost, transport.name)
-    truncate_metrics(out / "metrics.jsonl", state.round)
-    return state, read_jsonl(out / "metrics.jsonl")
+    metrics = out / "metrics.jsonl"
+    try:
+        truncate_metrics(metrics, state.round)  # drops lines of a round whose state was never saved
+        records = read_jsonl(metrics)
+    except ValueError as e:
+        raise StateError(f"cannot resume in {str(out)!r}: {e}; the summary is computed from it, so restore the file or start again") from None
+    rounds = [r.get("round") for r in records]
+    if rounds != list(range(1, state.round + 1)):
+        raise StateError(
+            f"cannot resume in {str(out)!r}: the state is at round {state.round} but {str(metrics)!r} holds rounds {rounds}; "
+            "the summary is computed from it, so restore the file or start again in a new folder"
+        )
+    return state, records
 
 
 def _skip_status(records: list[dict[str, Any]]) -> tuple[int, bool]:

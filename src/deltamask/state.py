@@ -3,11 +3,13 @@
 One safetensors file (never pickle) holds the server state's arrays, every client's cached arrays
 and, in its metadata, a JSON document with the scalars (round, versions, client scalars) and the
 resolved config. Writing goes to a temporary file in the same folder, fsync, then ``os.replace``,
-so a crash leaves either the old or the new state, never half of one.
+so a crash leaves either the old or the new state, never half of one. A SHA-256 of the arrays in the
+metadata catches damage that safetensors' own header and size checks do not (a flipped data byte).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +36,17 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating,)):
         return float(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def tensor_digest(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (sorted by name). safetensors checks
+    the header and the file size but not the data, so a flipped bit in an array would load silently."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def save_state(
@@ -80,6 +93,7 @@ def save_state(
         "engine": engine,
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    meta["sha256"] = tensor_digest(tensors)
     tmp = d / (STATE_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"deltamask": json.dumps(meta, default=_json_default)})
     with open(tmp, "rb") as f:
@@ -96,7 +110,10 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
 
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise StateError(f"no run state at {str(path)!r}: nothing to resume (start the run without --resume)")
+        raise StateError(
+            f"no run state at {str(path)!r}: nothing to resume; start the run without --resume (with --overwrite "
+            "if the folder holds a run that stopped before its first round ended)"
+        )
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta_raw = (f.metadata() or {}).get("deltamask")
@@ -104,6 +121,8 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
         if meta_raw is None:
             raise ValueError("no deltamask metadata")
         meta = json.loads(meta_raw)
+        if "sha256" in meta and meta["sha256"] != tensor_digest(tensors):
+            raise ValueError("its arrays do not match their checksum")
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
         raise StateError(
             f"run state {str(path)!r} is corrupted or not a deltamask state ({type(e).__name__}: {e}); "
