@@ -469,7 +469,9 @@ def test_faults_under_load_on_four_supernodes(federation, tmp_path) -> None:
     before, after = max(v for k, v in hwm.items() if k <= 5), max(hwm.values())
     assert after - before < 200 * 1024, hwm  # flat: the forged 2^32 header allocated nothing
     recs = read_jsonl(out / "metrics.jsonl")
-    expected_kind = {"raise": "error", "exit": "error", "hang:90": "timeout"}
+    # a ClientApp process that dies (exit) leaves no reply: Flower 1.42 reports nothing within the round,
+    # so the server sees a timeout; a node worker that dies is an error with its log (test_flower_worker.py)
+    expected_kind = {"raise": "error", "exit": "timeout", "hang:90": "timeout"}
     for r in recs:
         cid, kind = DEPLOY_FAULTS[r["round"]]
         assert [f["client"] for f in r["failures"]] == [cid], (r["round"], r["failures"])
