@@ -17,17 +17,15 @@ are timed on one configuration (torch on CUDA when available). Writes ``codecs.j
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .machine import machine_info  # noqa: F401 - also imported from here by older scripts
 
 DEFAULT_N = 86_000_000
 DEFAULT_FRACTIONS = (0.001, 0.005, 0.01, 0.05)
@@ -66,45 +64,6 @@ def _timeit(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and when: CPU model, cores, versions, GPU availability."""
-    from .codecs._jit import HAVE_NUMBA, num_threads
-
-    cpu = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "numba": HAVE_NUMBA,
-        "numba_threads": num_threads(),
-    }
-    try:
-        import numba
-
-        info["numba_version"] = numba.__version__
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        info["torch"] = None
-        info["cuda"] = None
-    return info
 
 
 def bench_codecs(n: int = DEFAULT_N, fractions: list[float] | tuple[float, ...] = DEFAULT_FRACTIONS,

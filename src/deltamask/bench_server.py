@@ -348,7 +348,7 @@ def _in_subprocess(fn: str, kwargs: dict[str, Any], log: Callable[[str], None]) 
 def bench_server(sizes: list[int], clients: list[int], densities: list[float],
                  reference: list[tuple[int, int, float]], codec: str = "ans", seed: int = 0,
                  device: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from .bench import machine_info
+    from .machine import machine_info
 
     t = time.perf_counter()
     load_start = os.getloadavg()[0]
