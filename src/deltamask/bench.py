@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .machine import machine_info  # noqa: F401 - also imported from here by older scripts
+from .machine import machine_info
 
 DEFAULT_N = 86_000_000
 DEFAULT_FRACTIONS = (0.001, 0.005, 0.01, 0.05)
