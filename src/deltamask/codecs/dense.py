@@ -264,14 +264,19 @@ class ProbsCountsCodec(ProbsCodec):
     def applicable(self, counts: np.ndarray | None, total: int | None) -> bool:
         return counts is not None and total is not None and 0 < total <= 1000
 
-    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
+    def checked_counts(self, counts: np.ndarray | None, total: int | None) -> np.ndarray:
+        """The counts as a flat integer array, after checking they can be sent (every counts codec)."""
         if not self.applicable(counts, total):
-            raise CodecError("probs-counts needs integer counts and 0 < total <= 1000 (priors reset every round)")
+            raise CodecError(f"{self.name} needs integer counts and 0 < total <= 1000 (priors reset every round)")
         c = np.asarray(counts).ravel()
         if c.size and not np.issubdtype(c.dtype, np.integer):
-            raise CodecError(f"probs-counts: counts must be integers, got {c.dtype}")
+            raise CodecError(f"{self.name}: counts must be integers, got {c.dtype}")
         if c.size and (c.min() < 0 or c.max() > total):
             raise CodecError(f"counts must lie in 0..{total}")
+        return c
+
+    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
+        c = self.checked_counts(counts, total)
         hist, body = ans_encode_symbols(c, total + 1)
         params = _COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior) + hist.astype("<u4").tobytes()
         return pack(self.codec_id, c.size, c.size, body, params)

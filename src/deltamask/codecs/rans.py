@@ -32,7 +32,7 @@ import numpy as np
 from ._jit import njit
 from .base import register
 from .container import MAX_N, CodecError, check_decode_size, pack, unpack
-from .dense import _COUNTS_PARAMS, ProbsCountsCodec, _read_hist, counts_table, histogram
+from .dense import _COUNTS_PARAMS, _STAT_IDS, ProbsCountsCodec, _read_hist, counts_table, histogram
 
 PRECISION = 16
 LANES = 4
@@ -208,15 +208,9 @@ class ProbsCountsRansCodec(ProbsCountsCodec):
     description = "integer keep-counts 0..K, 4-way interleaved rANS (numba; the fast exact downlink)"
 
     def encode(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
-        if not self.applicable(counts, total):
-            raise CodecError("probs-counts-rans needs integer counts and 0 < total <= 1000 (priors reset every round)")
-        c = np.asarray(counts).ravel()
-        if c.size and not np.issubdtype(c.dtype, np.integer):
-            raise CodecError(f"probs-counts-rans: counts must be integers, got {c.dtype}")
-        if c.size and (c.min() < 0 or c.max() > total):
-            raise CodecError(f"counts must lie in 0..{total}")
+        c = self.checked_counts(counts, total)
         hist, states, body = rans_encode(c, total + 1)
-        params = (_COUNTS_PARAMS.pack(total, {"mean": 0, "mode": 1}[self.stat], self.eps, *self.prior)
+        params = (_COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior)
                   + _EXTRA.pack(LANES, PRECISION) + hist.astype("<u4").tobytes() + struct.pack(f"<{LANES}Q", *states))
         return pack(self.codec_id, c.size, c.size, body, params)
 
@@ -227,7 +221,7 @@ class ProbsCountsRansCodec(ProbsCountsCodec):
             raise CodecError("probs-counts-rans: parameter block too short")
         total, stat_id, eps, a0, b0 = _COUNTS_PARAMS.unpack_from(c.params)
         lanes, prec = _EXTRA.unpack_from(c.params, _COUNTS_PARAMS.size)
-        stat = {0: "mean", 1: "mode"}.get(stat_id)
+        stat = {v: k for k, v in _STAT_IDS.items()}.get(stat_id)
         if stat is None or not 0 < total <= 1000 or not 0.0 <= eps < 0.5 or lanes != LANES or prec != PRECISION:
             raise CodecError(f"probs-counts-rans: bad parameters (total={total}, stat={stat_id}, eps={eps}, "
                              f"lanes={lanes}, precision={prec})")
