@@ -29,13 +29,21 @@ import time
 import traceback
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ...config import ConfigError
 from .node import FaultHook, ScriptedFault, node_config_of, node_fault, node_partition, uses_worker
-from .records import META_KEY, clear_client_state, load_client_state, pack_payload, save_client_state, unpack_meta, unpack_payload
+from .records import (
+    META_KEY,
+    clear_client_state,
+    load_client_state,
+    pack_payload,
+    save_client_state,
+    split_state,
+    unpack_meta,
+    unpack_payload,
+)
 from .settings import config_hash
 from .wire import pack_arrays, unpack_arrays
 
@@ -49,12 +57,12 @@ def _train_in_worker(context: Context, defaults: dict[str, Any] | None, meta_rou
     """The update computed by the node worker: (payload, stype, num_samples, metrics, new state)."""
     from .worker import WorkerClient, WorkerError
 
-    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    arrays, scalars = split_state(state)
     spec, blobs = pack_arrays(arrays, "state/")
     blobs["payload"] = downlink
     header = {
         "op": "train", "round": meta_round, "run_config": dict(context.run_config), "node_config": dict(context.node_config),
-        "defaults": defaults, "state_arrays": spec, "state_scalars": {k: v for k, v in state.items() if k not in arrays},
+        "defaults": defaults, "state_arrays": spec, "state_scalars": scalars,
     }
     reply, out = WorkerClient().call(header, blobs)
     if not reply.get("ok"):

@@ -114,11 +114,17 @@ def wire_bytes(message: Message) -> int:
 
 
 # --- the client's cache in context.state ----------------------------------------------------------
+def split_state(cache: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A ``ClientContext.state`` dict as (contiguous numpy arrays, plain JSON scalars)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in cache.items() if isinstance(v, np.ndarray)}
+    scalars = {k: (v.item() if hasattr(v, "item") else v) for k, v in cache.items() if not isinstance(v, np.ndarray)}
+    return arrays, scalars
+
+
 def save_client_state(state: RecordDict, cache: dict[str, Any]) -> None:
     """Store a ``ClientContext.state`` dict (numpy arrays + JSON scalars) in Flower's ``context.state``."""
-    arrays = {k: Array(np.ascontiguousarray(v)) for k, v in cache.items() if isinstance(v, np.ndarray)}
-    scalars = {k: (v.item() if hasattr(v, "item") else v) for k, v in cache.items() if not isinstance(v, np.ndarray)}
-    state[STATE_ARRAYS_KEY] = ArrayRecord(arrays)
+    arrays, scalars = split_state(cache)
+    state[STATE_ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     state[STATE_SCALARS_KEY] = ConfigRecord({"json": json.dumps(scalars, sort_keys=True)})
 
 

@@ -173,6 +173,7 @@ class WorkerClient:
 def _handle(header: dict[str, Any], blobs: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
     from .client_work import client_train
     from .node import node_config_of, node_partition
+    from .records import split_state
     from .wire import pack_arrays, unpack_arrays
 
     op = header.get("op")
@@ -187,10 +188,7 @@ def _handle(header: dict[str, Any], blobs: dict[str, bytes]) -> tuple[dict[str, 
     state = dict(header.get("state_scalars") or {})
     state.update(unpack_arrays(header.get("state_arrays") or {}, blobs, "state/"))
     res = client_train(cfg, pid, header["node_config"], blobs["payload"], int(header["round"]), state)
-    import numpy as np
-
-    arrays = {k: np.ascontiguousarray(v) for k, v in res.state.items() if isinstance(v, np.ndarray)}
-    scalars = {k: (v.item() if hasattr(v, "item") else v) for k, v in res.state.items() if not isinstance(v, np.ndarray)}
+    arrays, scalars = split_state(res.state)
     spec, out_blobs = pack_arrays(arrays, "state/")
     out_blobs["payload"] = res.payload
     return {
