@@ -55,3 +55,15 @@ def assert_no_pickle(folder: Path) -> int:
         else:
             assert not (len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5), f"{p} starts like a pickle"
     return len(files)
+
+
+class VirtualClock:
+    """Stands in for the ``time`` module of the local engine (``monkeypatch.setattr(local, "time", clock)``):
+    its ``monotonic()`` moves only when a test advances ``now``, so a scripted hang overruns the round
+    timeout whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import deltamask.engines.local as local
-from dmtest import tiny_config
+from dmtest import VirtualClock, tiny_config
 from deltamask.engines.local import run_local
 from deltamask.faults import forge
 from deltamask.metrics import TIMING_KEYS, read_jsonl
@@ -25,14 +25,7 @@ SCRIPT = {r: ((r * 3) % 4, KINDS[(r - 1) % len(KINDS)]) for r in range(1, 9)}
 EXPECTED_KIND = {"raise": "error", "hang": "timeout"}
 
 
-class Clock:
-    """Virtual time for the local round timeout: only a scripted hang advances it."""
-
-    now = 0.0
-
-    @classmethod
-    def monotonic(cls) -> float:
-        return cls.now
+CLOCK = VirtualClock()  # the local round timeout's time: only a scripted hang advances it
 
 
 def faulty(rnd: int, cid: int):  # noqa: ANN201
@@ -42,7 +35,7 @@ def faulty(rnd: int, cid: int):  # noqa: ANN201
     if kind == "raise":
         raise RuntimeError(f"scripted fault: client {cid} raises in round {rnd}")
     if kind == "hang":
-        Clock.now += 60.0
+        CLOCK.now += 60.0
         return None
     return lambda payload: forge(kind, payload)
 
@@ -61,7 +54,7 @@ def comparable(rec: dict) -> dict:
 
 @pytest.mark.parametrize("method", ["deltamask", "fedpm", "fedavg"])
 def test_one_in_four_clients_fails_each_round_a_different_way(tmp_path, monkeypatch, method) -> None:
-    monkeypatch.setattr(local, "time", Clock)
+    monkeypatch.setattr(local, "time", CLOCK)
     peaks: dict[str, list[int]] = {"faulty": [], "reference": []}
     which = ["faulty"]
 

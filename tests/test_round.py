@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dmtest import TINY, tiny_config
+from dmtest import TINY, VirtualClock, tiny_config
 from deltamask.cli import EXIT_RUN_FAILED, EXIT_USER_ERROR, main
 from deltamask.config import METHOD_NAMES, ConfigError, build_config
 from deltamask.engines.local import run_local
@@ -182,18 +182,12 @@ def test_preset_engine_keys_are_honoured_or_refused(tmp_path, capsys) -> None:
 def test_local_round_timeout_only_when_set(tmp_path, monkeypatch) -> None:
     import deltamask.engines.local as local
 
-    class Clock:  # virtual time: only a scripted hang advances it, so the test does not depend on load
-        now = 0.0
-
-        @classmethod
-        def monotonic(cls) -> float:
-            return cls.now
-
-    monkeypatch.setattr(local, "time", Clock)
+    clock = VirtualClock()  # only the scripted hang advances it, so the test does not depend on load
+    monkeypatch.setattr(local, "time", clock)
 
     def slow(rnd: int, cid: int) -> None:
         if (rnd, cid) == (2, 0):
-            Clock.now += 0.6
+            clock.now += 0.6
         return None
 
     cfg = tiny_config(rounds=2, clients_per_round=3)

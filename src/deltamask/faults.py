@@ -22,7 +22,9 @@ import zlib
 PAYLOAD_FAULTS = ("truncated", "oversized", "wrong-codec", "wrong-n", "n32")
 
 
-def _with_n(container: bytes, n: int) -> bytes:
+def with_header_n(container: bytes, n: int) -> bytes:
+    """The container with its header's ``n`` replaced and the CRC recomputed (only a receiver's
+    expectation can then tell)."""
     from .codecs.container import HEADER
 
     fields = list(HEADER.unpack_from(container, 0))
@@ -54,9 +56,9 @@ def forge(kind: str, payload: bytes) -> bytes:
         else:
             forged = get_codec("ans").encode(np.zeros(0, dtype=np.int64), n)
     elif kind == "wrong-n":
-        forged = _with_n(last, n + 1)
+        forged = with_header_n(last, n + 1)
     elif kind == "n32":
-        forged = _with_n(last, 1 << 32)
+        forged = with_header_n(last, 1 << 32)
     else:
         raise ValueError(f"unknown fault {kind!r}; valid: {', '.join(PAYLOAD_FAULTS)}")
     return join_bundle([*parts[:-1], forged])

@@ -16,16 +16,10 @@ import pytest
 
 from deltamask.codecs import CodecError, available_codecs, get_codec
 from deltamask.codecs import container
+from deltamask.faults import with_header_n
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import fuzz_payloads  # noqa: E402
-
-
-def _forge_n(data: bytes, n: int) -> bytes:
-    f = list(container.HEADER.unpack_from(data, 0))
-    f[4] = n
-    body = container.HEADER.pack(*f) + data[container.HEADER.size:-4]
-    return body + struct.pack("<I", zlib.crc32(body))
 
 
 @pytest.mark.parametrize("name", available_codecs())
@@ -37,7 +31,7 @@ def test_a_header_claiming_another_n_is_refused_before_allocating(name: str, cla
     rng = np.random.default_rng(3)
     data, n, args = fuzz_payloads.sample(name, rng)
     codec = get_codec(name)
-    forged = _forge_n(data, claim if claim != n else n + 1)
+    forged = with_header_n(data, claim if claim != n else n + 1)
     calls = [lambda: codec.decode(forged, args["probs"], expect_n=n) if codec.kind == "mask" else codec.decode(forged, expect_n=n)]
     if codec.kind == "indices":
         calls.append(lambda: codec.decode_mask(forged, expect_n=n))
