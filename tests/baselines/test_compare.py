@@ -133,5 +133,5 @@ def test_bad_seeds_say_what_is_wrong(tmp_path, seeds: str, extra: dict, msg: str
 def test_dinov2_suite_is_valid() -> None:
     title, runs = load_suite(Path(__file__).resolve().parents[2] / "configs" / "suites" / "dinov2-fmnist.toml")
     assert {c.method for _, c in runs} >= {"deltamask", "fedpm", "fedavg", "lora", "linear-probe"}
-    assert sorted({c.seed for _, c in runs}) == [0, 1, 2] and len(runs) == 15
+    assert sorted({c.seed for _, c in runs}) == [0, 1, 2] and len(runs) == 18
     assert len({(c.dataset, c.model, c.rounds, c.train_samples, c.image_size, c.masked_blocks) for _, c in runs}) == 1
