@@ -171,8 +171,8 @@ class _Prefix(nn.Module):
 
     def __init__(self, own: Callable[[torch.Tensor], Any], block: nn.Module) -> None:
         super().__init__()
-        self._own = own
-        self._block = [block]  # not registered: the block's parameters belong to its own stage
+        self._own = [own]  # lists: not registered, the blocks' and tail's parameters belong to their own stages
+        self._block = [block]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def stop(_m: nn.Module, args: tuple, _kw: dict) -> None:
@@ -180,7 +180,7 @@ class _Prefix(nn.Module):
 
         handle = self._block[0].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            self._own(x)
+            self._own[0](x)
         except _Stop as s:
             return s.value
         finally:
