@@ -120,11 +120,11 @@ def test_staged_features_equal_the_models_own_pre_logits(spec: str, hf_dirs: dic
         ref = _own_features(spec, lm, x)
         assert bb.feature_dim == ref.shape[-1]
         torch.testing.assert_close(bb(x), ref)
-        # every split point: prefix (cached by the engine) then the rest gives the same features
-        for first in (bb.block_indices[0], bb.block_indices[len(bb.block_indices) // 2], bb.block_indices[-1]):
-            h = bb(x, 0, first)
-            assert isinstance(h, torch.Tensor) and h.shape[0] == 2
-            torch.testing.assert_close(bb(h, first, None), ref)
+        # a split point: the prefix (cached by the engine) is one tensor per image
+        mid = bb.block_indices[len(bb.block_indices) // 2]
+        h = bb(x, 0, mid)
+        assert isinstance(h, torch.Tensor) and h.shape[0] == 2
+        torch.testing.assert_close(bb(h, mid, None), ref)
 
 
 @pytest.mark.parametrize("spec", list(ARCHS))

@@ -380,7 +380,7 @@ def _fx_tail(model: nn.Module, units: list[str]) -> nn.Module:
     return fx.GraphModule(model, new)
 
 
-def _self_check(staged: StagedBackbone, own: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ref: torch.Tensor) -> None:
+def _self_check(staged: StagedBackbone, x: torch.Tensor, ref: torch.Tensor) -> None:
     with torch.no_grad():
         got = staged(x)
     if got.shape != ref.shape or not torch.allclose(got, ref, rtol=SELF_CHECK_RTOL, atol=SELF_CHECK_ATOL):
@@ -394,25 +394,38 @@ def _stage(
     extra: dict[str, nn.Module] | None = None, probe: Callable[[torch.Tensor], Any] | None = None,
 ) -> StagedBackbone:
     """Cut ``root`` at its block ``units`` (see the module docstring); an opaque stage when that fails."""
-    with torch.no_grad():
-        try:
-            ref = own(x)
-        except Exception as e:  # noqa: BLE001 - the model itself does not run at this size
-            raise _SizeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    dim = int(ref.shape[-1])
     try:
         with torch.no_grad():
-            units, calls, _ = _chain(root, units, lambda: (probe or own)(x), extra)
+            failed: _StagingFailed | None = None
+            try:  # one probe forward gives the block chain and the reference features
+                units, calls, ref = _chain(root, units, lambda: (probe or own)(x), extra)
+            except _StagingFailed as e:
+                ref, failed = _own_or_size_error(own, x), e
+            except Exception:  # noqa: BLE001 - does the model run at all, without the hooks?
+                ref = _own_or_size_error(own, x)
+                failed = _StagingFailed("its forward fails under the staging hooks")
+        if failed is not None:
+            raise failed
+        dim = int(ref.shape[-1])
+        with torch.no_grad():
             mods = dict(root.named_modules())
             blocks = [_BlockCall(mods[u], calls[u].args[1:], calls[u].kwargs) for u in units]
             tail, tail_modules = make_tail(units, calls)
         tail_stage = Stage(tail, **{k.replace(".", "_"): m for k, m in tail_modules.items()})
         stages = [_Prefix(own, mods[units[0]]), *blocks, tail_stage]
         staged = StagedBackbone(root, stages, [False] + [True] * len(blocks) + [False], dim)
-        _self_check(staged, own, x, ref)
+        _self_check(staged, x, ref)
         return staged
     except _StagingFailed as e:
-        return StagedBackbone(root, [Stage(own)], [False], dim, staging_error=str(e))
+        return StagedBackbone(root, [Stage(own)], [False], int(ref.shape[-1]), staging_error=str(e))
+
+
+def _own_or_size_error(own: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        try:
+            return own(x)
+        except Exception as e:  # noqa: BLE001 - the model itself does not run at this size
+            raise _SizeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 class _SizeError(Exception):
