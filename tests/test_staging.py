@@ -46,8 +46,9 @@ ARCHS: dict[str, tuple[str | None, tuple[str, str]]] = {
     "hf:dinov2": (None, ("encoder.layer.1", "encoder.layer.2")),
     "hf:clip": (None, ("encoder.layers.1", "encoder.layers.2")),
 }
-# A 1-round run of these takes well over 10 s on 2 CPU cores (86M / 28M parameters to build twice).
-SLOW_RUNS = {"torchvision:vit_b_16", "torchvision:swin_t", "torchvision:convnext_tiny"}
+# A 1-round run of these took 13-26 s each on the shared 2-core CPU machine (the allclose and block checks
+# above still run for them in the default suite).
+SLOW_RUNS = {"torchvision:vit_b_16", "torchvision:swin_t", "torchvision:convnext_tiny", "timm:swin_tiny_patch4_window7_224"}
 
 
 def _hf_configs() -> dict:
