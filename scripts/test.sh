@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The test suite: the fast default set, then the Flower deployment tests (real processes on 127.0.0.1).
+# The test suite: the fast default set, every zoo architecture's 1-round run, then the Flower deployment
+# tests (real processes on 127.0.0.1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pytest -q "$@"
+rc=$?
+[ $rc -ne 0 ] && exit $rc
+# every zoo architecture's 1-round run (tests/test_staging.py; the default set runs one per framework)
+"$PY" -m pytest -q -m slow -p no:cacheprovider tests/test_staging.py
 rc=$?
 [ $rc -ne 0 ] && exit $rc
 "$PY" -m pytest -q -m "flower_deploy or (flower and slow)" -p no:cacheprovider

@@ -85,13 +85,10 @@ def test_builtin_weights_are_real_pretrained_features(converted, monkeypatch) ->
     torch.manual_seed(0)
     pre = load_model("dinov2_small")
     assert pre.input_size == 224 and pre.spec == "dinov2_small"
-    import transformers
-
     torch.manual_seed(0)
-    rnd = transformers.Dinov2Model(transformers.Dinov2Config(**dinov2.CONFIG))
-    from deltamask.models import LoadedModel, _stage_hf
-
-    rand = LoadedModel("random", _stage_hf(rnd).eval(), 224, pre.mean, pre.std)
+    rand = load_model("dinov2_small", "random")  # the same architecture, built from its config only
+    assert not torch.equal(dict(rand.backbone.root.named_parameters())["embeddings.patch_embeddings.projection.weight"],
+                           dict(pre.backbone.root.named_parameters())["embeddings.patch_embeddings.projection.weight"])
     acc = {}
     for name, lm in (("pretrained", pre), ("random", rand)):
         acc[name] = _ridge_accuracy(_features(lm, ds.x_train, 56), ds.y_train, _features(lm, ds.x_test, 56), ds.y_test)

@@ -122,7 +122,7 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
     backbone_weights = weights if weights is not None else meta["weights"]
     if backbone_weights == "random":  # a randomly initialised backbone is rebuilt from the run's seed
         torch.manual_seed(int(meta.get("seed", 0)))
-    loaded = load_model(meta["model"], backbone_weights, pretrained_online=True)
+    loaded = load_model(meta["model"], backbone_weights, pretrained_online=True, image_size=int(meta["image_size"]))
     w = tensors["head.weight"]
     net = MaskedNetwork(loaded, w.shape[0], meta["masked_blocks"], meta["mask_pattern"])
     if net.num_masked != meta["num_masked"]:

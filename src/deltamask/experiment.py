@@ -92,7 +92,7 @@ def _load_backbone(cfg: Config, say: Callable[[str], None]) -> tuple[torch.devic
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     say(f"loading model {cfg.model}")
-    return device, load_model(cfg.model, cfg.weights)
+    return device, load_model(cfg.model, cfg.weights, image_size=cfg.image_size)
 
 
 def build_experiment(
