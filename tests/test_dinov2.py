@@ -120,3 +120,20 @@ def test_missing_extra_is_one_clear_error(monkeypatch, tmp_path) -> None:
 
     assert main(["run", "--set", "model=dinov2_small", "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_concurrent_first_use_converts_once(tmp_path, monkeypatch) -> None:
+    """Several node processes may start at once: a file lock makes one convert and the rest reuse it."""
+    import threading
+
+    monkeypatch.setenv(dinov2.CACHE_ENV, str(tmp_path))
+    calls = []
+    real = dinov2.convert
+    monkeypatch.setattr(dinov2, "convert", lambda *a, **k: calls.append(1) or real(*a, check=False, **k))
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(dinov2.ensure_converted())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and got == [tmp_path / "dinov2_small"] * 3

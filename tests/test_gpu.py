@@ -55,3 +55,19 @@ def test_filter_query_on_cuda_is_bit_identical() -> None:
         got = codec.decode_mask_torch(payload, "cuda")
         assert got.device.type == "cuda"
         np.testing.assert_array_equal(got.cpu().numpy(), codec.decode_mask(payload))
+
+
+def test_bench_gpu_runs_on_cuda(tmp_path) -> None:
+    """benchmarks/bench_gpu.py end to end on the card, small: masked vs dense training, filter query-all."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "gpu.json"
+    assert mod.main(["--model", "timm:test_vit", "--image-size", "160", "--batch", "8", "--steps", "2", "--repeats", "2",
+                     "--blocks", "1", "--filter-n", "3000000", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["train"]["masked"]["images_per_s"] > 0 and res["filter"]["fuse8"]["speedup"] > 0

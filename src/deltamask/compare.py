@@ -14,12 +14,18 @@ A suite is a TOML file::
     method = "fedpm"
     codec = "bernoulli-ans"
 
-Each run goes to ``OUT/runs/NAME`` (a normal run folder). The suite is resumable: a run whose
+    seeds = [0, 1, 2]      # optional: every run is repeated once per seed (as NAME-sSEED)
+
+Each run goes to ``OUT/runs/NAME`` (``OUT/runs/NAME-sSEED`` with ``seeds``; a normal run folder). The suite is resumable: a run whose
 ``summary.json`` exists with the same config is skipped, an interrupted one is resumed from its
 state, and a finished run whose config changed is an error (delete its folder or rename the run).
 Outputs, read back from the runs' files only: ``comparison.csv``, ``comparison.md`` and
 ``comparison.png`` (final accuracy against mean uplink bpp, log axis, one point per run: the shape of
 DeltaMask's Figure 1).
+
+With ``seeds``, ``comparison.md`` first gives one row per run with the mean and the sample standard
+deviation over its seeds (accuracy claims are means over seeds with their spread), then every seed's
+row; the plot shows the means with the accuracy's standard deviation as error bars.
 
 Uplink bpp in the table is the mean over the *training* rounds (after the head warm-up, where the
 methods differ); the mean over all rounds and the downlink mean (all rounds) are reported beside it.
@@ -44,11 +50,13 @@ from .metrics import read_jsonl
 COLUMNS = (
     "name",
     "method",
+    "seed",
     "final_accuracy",
     "best_accuracy",
     "uplink_bpp",
     "uplink_bpp_all_rounds",
     "downlink_bpp",
+    "total_bpp",
     "uplink_bytes",
     "downlink_bytes",
     "total_bytes",
@@ -63,16 +71,22 @@ def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
     """(title, [(run name, validated config)]) from a suite file; every problem raises ConfigError."""
     p = Path(path)
     data = read_toml(p, "suite file", " (see configs/suites/default.toml)")
-    unknown = set(data) - {"title", "base", "runs"}
+    unknown = set(data) - {"title", "base", "runs", "seeds"}
     if unknown:
-        raise ConfigError(f"suite file {str(p)!r}: unknown top-level keys {sorted(unknown)}; expected title, [base], [[runs]]")
+        raise ConfigError(f"suite file {str(p)!r}: unknown top-level keys {sorted(unknown)}; expected title, seeds, [base], [[runs]]")
+    seeds = data.get("seeds")
+    if seeds is not None and (
+        not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"suite file {str(p)!r}: seeds must be a list of distinct non-negative integers, e.g. seeds = [0, 1, 2]")
     base = data.get("base", {})
     runs = data.get("runs")
     if not isinstance(base, dict):
         raise ConfigError(f"suite file {str(p)!r}: [base] must be a table of config keys")
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"suite file {str(p)!r}: needs at least one [[runs]] table with a name")
-    out: list[tuple[str, Config]] = []
+    named: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
     for i, r in enumerate(runs, 1):
         if not isinstance(r, dict) or "name" not in r:
@@ -84,11 +98,19 @@ def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
             raise ConfigError(f"suite file {str(p)!r}: run name {name!r} is used twice")
         seen.add(name)
         keys = {**base, **{k: v for k, v in r.items() if k != "name"}}
-        try:
-            cfg = build_config(keys)
-        except ConfigError as e:
-            raise ConfigError(f"suite file {str(p)!r}, run {name!r}: {e}") from None
-        out.append((name, cfg))
+        if seeds is not None and "seed" in keys:
+            raise ConfigError(f"suite file {str(p)!r}, run {name!r}: 'seed' is set but the suite has seeds = {seeds}; drop one")
+        named.append((name, keys))
+    out: list[tuple[str, Config]] = []
+    # seeds outermost: an interrupted suite has every method at the first seed before any second seed
+    for seed in seeds if seeds is not None else [None]:
+        for name, keys in named:
+            run_keys = keys if seed is None else {**keys, "seed": seed}
+            try:
+                cfg = build_config(run_keys)
+            except ConfigError as e:
+                raise ConfigError(f"suite file {str(p)!r}, run {name!r}: {e}") from None
+            out.append((name if seed is None else f"{name}-s{seed}", cfg))
     return str(data.get("title", p.stem)), out
 
 
@@ -124,8 +146,9 @@ def run_one(name: str, cfg: Config, folder: Path, say: Any = print) -> str:
     return "ran"
 
 
-def collect_row(name: str, folder: Path) -> dict[str, Any]:
-    """One table row from a finished run's summary.json and metrics.jsonl."""
+def collect_row(name: str, folder: Path, seed: int | None = None) -> dict[str, Any]:
+    """One table row from a finished run's summary.json and metrics.jsonl (``seed``: the suite's
+    seed for this run, when the suite repeats runs over seeds)."""
     s = json.loads((folder / "summary.json").read_text())
     recs = read_jsonl(folder / "metrics.jsonl")
     train = [r for r in recs if r.get("phase") != "head"] or recs
@@ -134,11 +157,13 @@ def collect_row(name: str, folder: Path) -> dict[str, Any]:
     return {
         "name": name,
         "method": s.get("method"),
+        "seed": seed,
         "final_accuracy": s.get("final_accuracy"),
         "best_accuracy": s.get("best_accuracy"),
         "uplink_bpp": sum(up_train) / len(up_train) if up_train else None,
         "uplink_bpp_all_rounds": s.get("mean_uplink_bpp"),
         "downlink_bpp": s.get("mean_downlink_bpp"),
+        "total_bpp": _sum_or_none(s.get("mean_uplink_bpp"), s.get("mean_downlink_bpp")),
         "uplink_bytes": up_b,
         "downlink_bytes": down_b,
         "total_bytes": up_b + down_b,
@@ -146,6 +171,38 @@ def collect_row(name: str, folder: Path) -> dict[str, Any]:
         "rounds": s.get("rounds_completed"),
         "num_masked_params": s.get("num_masked_params"),
     }
+
+
+def _sum_or_none(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else float(a) + float(b)
+
+
+_SEED_SUFFIX = re.compile(r"^(?P<base>.+)-s(?P<seed>\d+)$")
+
+
+def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run name (seed suffix dropped), the mean of every numeric column over seeds, plus
+    ``final_accuracy_std`` / ``best_accuracy_std`` / ``total_bpp_std`` (sample standard deviation;
+    0 for a single seed) and ``seeds`` (how many)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        m = _SEED_SUFFIX.match(str(r["name"])) if r.get("seed") is not None else None
+        groups.setdefault(m.group("base") if m else str(r["name"]), []).append(r)
+    out = []
+    for name, rs in groups.items():
+        agg: dict[str, Any] = {"name": name, "method": rs[0].get("method"), "seeds": len(rs)}
+        for k in COLUMNS:
+            if k in ("name", "method", "seed"):
+                continue
+            vals = [float(r[k]) for r in rs if isinstance(r.get(k), (int, float))]
+            agg[k] = sum(vals) / len(vals) if vals and len(vals) == len(rs) else None
+        for k in ("final_accuracy", "best_accuracy", "total_bpp"):
+            vals = [float(r[k]) for r in rs if isinstance(r.get(k), (int, float))]
+            if vals and len(vals) == len(rs):
+                mu = sum(vals) / len(vals)
+                agg[k + "_std"] = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
 
 
 def _fmt(v: Any, key: str) -> str:
@@ -182,12 +239,29 @@ def write_outputs(out: Path, title: str, rows: list[dict[str, Any]]) -> list[Pat
         "| " + " | ".join(heads) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(heads))) + "|",
     ]
+    if any(r.get("seed") is not None for r in rows):
+        lines[4:4] = _seed_table(aggregate_rows(rows)) + ["", "Every seed:", ""]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k), k) for k in shown) + " |")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     written.append(out / "comparison.md")
     written.append(plot_comparison(out / "comparison.png", title, rows))
     return written
+
+
+def _seed_table(agg: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows: mean ± sample standard deviation over each run's seeds."""
+    heads = ("run", "method", "seeds", "final acc (mean ± sd)", "best acc (mean ± sd)", "uplink bpp (training rounds)",
+             "downlink bpp", "total bpp (up+down, all rounds)", "wall time (s, mean)")
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(heads))) + "|"]
+    for a in agg:
+        pm = [
+            "-" if a.get(k) is None else f"{a[k]:.4f} ± {a.get(k + '_std', 0.0):.4f}" for k in ("final_accuracy", "best_accuracy")
+        ]
+        cells = [a["name"], str(a["method"]), str(a["seeds"]), *pm, _fmt(a.get("uplink_bpp"), "uplink_bpp"),
+                 _fmt(a.get("downlink_bpp"), "downlink_bpp"), _fmt(a.get("total_bpp"), "total_bpp"), _fmt(a.get("wall_seconds"), "wall_seconds")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
@@ -198,16 +272,19 @@ def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in rows:
+    seeded = any(r.get("seed") is not None for r in rows)
+    for r in aggregate_rows(rows) if seeded else rows:
         x, y = r.get("uplink_bpp"), r.get("final_accuracy")
         if x is None or y is None or x <= 0:
             continue
         star = r.get("method") == "deltamask"
-        ax.scatter([x], [y], s=70 if star else 40, marker="*" if star else "o", zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.errorbar([x], [y], yerr=[r.get("final_accuracy_std", 0.0)] if seeded else None, fmt="*" if star else "o",
+                    ms=10 if star else 6, capsize=3, zorder=3)
+        label = f"{r['name']} (n={r['seeds']})" if seeded else r["name"]
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("mean uplink bits per parameter (training rounds, log scale)")
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel("final test accuracy" + (" (mean ± sd over seeds)" if seeded else ""))
     ax.grid(alpha=0.3, which="both")
     ax.set_title(textwrap.fill(title, 80), fontsize=9)  # long suite titles must fit the figure
     fig.tight_layout()
@@ -220,6 +297,7 @@ def run_suite(suite: str | Path, out_dir: str | Path, only: list[str] | None = N
     """Run (or resume / skip) every run of a suite, then write the comparison files; returns the rows."""
     log = say or (lambda m: print(m, file=sys.stderr, flush=True))
     title, runs = load_suite(suite)
+    seeded = read_toml(Path(suite), "suite file", "").get("seeds") is not None
     if only:
         names = {n for n, _ in runs}
         missing = [o for o in only if o not in names]
@@ -232,7 +310,7 @@ def run_suite(suite: str | Path, out_dir: str | Path, only: list[str] | None = N
     for name, cfg in runs:
         t0 = time.time()
         what = run_one(name, cfg, out / "runs" / name, log)
-        row = collect_row(name, out / "runs" / name)
+        row = collect_row(name, out / "runs" / name, cfg.seed if seeded else None)
         rows.append(row)
         log(
             f"[compare] {name}: {what} in {time.time() - t0:.0f}s; final acc {_fmt(row['final_accuracy'], 'final_accuracy')}, "

@@ -148,8 +148,9 @@ def _onnx_final_norm(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run([_FINAL_NORM_OUTPUT], {inp: x})[0]
 
 
-def convert(onnx_file: Path, out_dir: Path, check: bool = True) -> dict[str, Any]:
-    """Write a checked ``Dinov2Model`` directory for ``onnx_file`` into ``out_dir`` (atomically)."""
+def convert(onnx_file: Path, out_dir: Path, check: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a checked ``Dinov2Model`` directory for ``onnx_file`` into ``out_dir`` (atomically);
+    ``extra`` is added to the provenance file ``deltamask_source.json``."""
     try:
         import onnx
         import torch
@@ -180,6 +181,7 @@ def convert(onnx_file: Path, out_dir: Path, check: bool = True) -> dict[str, Any
         "converter": "deltamask.dinov2",
         "transformers": transformers.__version__,
         "num_parameters": int(sum(v.numel() for v in tensors.values())),
+        **(extra or {}),
     }
     if check:
         rng = np.random.default_rng(0)
@@ -229,19 +231,29 @@ def ensure_converted() -> Path:
     """The cached, checked directory for ``dinov2_small``; converts on first use (about 10 s)."""
     out = cache_root() / NAME
     src = onnx_path()
-    marker = out / "deltamask_source.json"
-    if marker.is_file() and (out / "model.safetensors").is_file():
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
-            info = {}
-        # a cache from another wheel build (different bytes) is rebuilt; same size+mtime skips hashing
-        if info.get("source_size") == src.stat().st_size and info.get("source_mtime") == int(src.stat().st_mtime):
-            return out
-    info = convert(src, out)
-    info.update(source_size=src.stat().st_size, source_mtime=int(src.stat().st_mtime))
-    (out / "deltamask_source.json").write_text(json.dumps(info, indent=2))
+    if _cache_matches(out, src):
+        return out
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{NAME}.lock", "w") as lock:  # several node processes may start at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _cache_matches(out, src):
+            return out  # another process converted it while this one waited
+        convert(src, out, extra={"source_size": src.stat().st_size, "source_mtime": int(src.stat().st_mtime)})
     return out
+
+
+def _cache_matches(out: Path, src: Path) -> bool:
+    """A finished conversion of this very ONNX file (same size and mtime) is in ``out``."""
+    marker = out / "deltamask_source.json"
+    if not (marker.is_file() and (out / "model.safetensors").is_file()):
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("source_size") == src.stat().st_size and info.get("source_mtime") == int(src.stat().st_mtime)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,3 +95,43 @@ def test_preset_suite_is_valid(tmp_path) -> None:
     methods = {c.method for _, c in runs}
     assert {"deltamask", "fedpm", "linear-probe", "fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora"} <= methods
     assert len({(c.dataset, c.model, c.rounds, c.seed, c.train_samples, c.num_clients) for _, c in runs}) == 1  # one setup
+
+
+def test_seeds_repeat_every_run_and_the_table_gives_mean_and_sd(tmp_path) -> None:
+    """seeds = [..]: NAME-sSEED runs (seed outermost), per-seed rows, and a mean ± sd table whose
+    numbers are recomputed here from the per-seed rows."""
+    import statistics
+
+    suite = _suite(tmp_path / "suite.toml", [{"name": "probe", "method": "linear-probe"}])
+    text = suite.read_text().replace("[base]", "seeds = [0, 3, 5]\n[base]")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("seed ="))
+    suite.write_text(text + "\n")
+    _, runs = load_suite(suite)
+    assert [(n, c.seed) for n, c in runs] == [("probe-s0", 0), ("probe-s3", 3), ("probe-s5", 5)]
+    rows = run_suite(suite, tmp_path / "out", say=lambda m: None)
+    accs = [r["final_accuracy"] for r in rows]
+    assert [r["seed"] for r in rows] == [0, 3, 5] and len(set(accs)) > 1  # seeds really differ
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    want = f"| probe | linear-probe | 3 | {statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f} |"
+    assert want in md, md
+    for r in rows:
+        assert r["total_bpp"] == pytest.approx(r["uplink_bpp_all_rounds"] + r["downlink_bpp"])
+
+
+@pytest.mark.parametrize(
+    "seeds,extra,msg",
+    [("[0, 0]", {}, "distinct"), ("[]", {}, "distinct"), ('["a"]', {}, "distinct"), ("[0, 1]", {"seed": 4}, "drop one")],
+)
+def test_bad_seeds_say_what_is_wrong(tmp_path, seeds: str, extra: dict, msg: str) -> None:
+    suite = _suite(tmp_path / "s.toml", [{"name": "a", "method": "fedavg", **extra}])
+    text = "\n".join(line for line in suite.read_text().splitlines() if not (line.startswith("seed =") and not extra))
+    suite.write_text(text.replace("[base]", f"seeds = {seeds}\n[base]") + "\n")
+    with pytest.raises(ConfigError, match=msg):
+        load_suite(suite)
+
+
+def test_dinov2_suite_is_valid() -> None:
+    title, runs = load_suite(Path(__file__).resolve().parents[2] / "configs" / "suites" / "dinov2-fmnist.toml")
+    assert {c.method for _, c in runs} >= {"deltamask", "fedpm", "fedavg", "lora", "linear-probe"}
+    assert sorted({c.seed for _, c in runs}) == [0, 1, 2] and len(runs) == 15
+    assert len({(c.dataset, c.model, c.rounds, c.train_samples, c.image_size, c.masked_blocks) for _, c in runs}) == 1
