@@ -130,7 +130,6 @@ def test_ram_cache_above_the_budget_names_the_key(cfg) -> None:
 
 
 def test_disk_cache_without_space_names_cache_dir_and_writes_nothing(cfg, tmp_path, monkeypatch) -> None:
-    import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
@@ -138,7 +137,6 @@ def test_disk_cache_without_space_names_cache_dir_and_writes_nothing(cfg, tmp_pa
     with pytest.raises(ConfigError, match="'cache_dir'.*free"):
         build_experiment(cfg.replace(prefix_cache="disk", cache_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []
-    assert shutil is not None
 
 
 def test_cli_exit_2_with_one_line_and_no_run_written(tmp_path, capsys) -> None:

@@ -627,7 +627,7 @@ def _hf_source(
     feature = ds.features[img_col]
     raw = ds.cast_column(img_col, datasets.Image(decode=False)).select_columns([img_col])
     sizes = []
-    for i, ex in enumerate(raw.with_format("arrow").iter(batch_size=1024)):
+    for ex in raw.with_format("arrow").iter(batch_size=1024):
         for enc in ex[img_col].to_pylist():
             try:
                 with Image.open(io.BytesIO(enc["bytes"]) if enc.get("bytes") else enc["path"]) as im:

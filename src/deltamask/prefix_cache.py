@@ -204,18 +204,7 @@ class DiskRows:
 PrefixRows = Union[torch.Tensor, DiskRows]
 
 
-def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """A batch read from any store, as the float32 the network computes in (no copy for float32)."""
-    return x if x.dtype == torch.float32 else x.to(torch.float32)
-
-
 def stored_tensor(h: PrefixRows) -> torch.Tensor:
     """The rows in their storage dtype as one tensor (a node cache entry stores this)."""
     return h.materialize() if isinstance(h, DiskRows) else h
 
-
-def row_bytes(h: PrefixRows) -> int:
-    """Bytes one row takes in storage."""
-    if isinstance(h, DiskRows):
-        return h.store.row_bytes
-    return math.prod(h.shape[1:]) * h.element_size()
