@@ -94,7 +94,7 @@ def table(points: list[dict], machine: dict) -> str:
         "ms/image (setup) | ms/image (mask round, its clients' images) | accuracy |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
-    for p in points:
+    for p in sorted(points, key=lambda p: (p["num_train"], p["setting"])):
         rs = p["round_seconds"]
         rows.append(
             f"| {p['num_train']:,} | {p['setting']} | {p['prefix_cache']} {p['cache_dtype']} | {p['peak_rss_setup_bytes'] / 2**20:,.0f}, {p['peak_rss_bytes'] / 2**20:,.0f} | "
