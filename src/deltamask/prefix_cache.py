@@ -65,7 +65,7 @@ class CachePlan:
 
 
 def _mb(b: int) -> str:
-    return f"{b / 2**20:,.0f} MB"
+    return f"{b / 2**20:,.1f} MB"
 
 
 def plan_cache(cfg: Config, row_shape: tuple[int, ...], n_train: int, n_test: int) -> CachePlan:
