@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .masking import MaskedNetwork
+from .prefix_cache import PrefixRows
 
 
 @dataclass
@@ -35,7 +36,7 @@ def _batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
 
 def run_epochs(
     net: MaskedNetwork,
-    h: torch.Tensor,
+    h: PrefixRows,
     y: torch.Tensor,
     opt: torch.optim.Optimizer,
     *,
@@ -51,7 +52,7 @@ def run_epochs(
     dev = net.scores.device
     for _ in range(epochs):
         for idx in _batches(h.shape[0], batch_size, shuffle_gen):
-            xb, yb = h[idx].to(dev), y[idx].to(dev)
+            xb, yb = h[idx].to(dev, torch.float32), y[idx].to(dev)  # stored rows may be fp16 / bf16 / on disk
             before_forward()
             loss = F.cross_entropy(net.forward_from_prefix(xb), yb)
             opt.zero_grad(set_to_none=True)
@@ -128,18 +129,18 @@ def train_head(
 
 
 @torch.no_grad()
-def compute_features(net: MaskedNetwork, h: torch.Tensor, mask: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
+def compute_features(net: MaskedNetwork, h: PrefixRows, mask: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
     """Pooled backbone features of prefix outputs ``h`` under a fixed mask (``None`` = unmasked)."""
     net.eval()
     net.use_fixed_mask(mask)
     dev = net.scores.device
-    out = [net.features(h[i : i + batch_size].to(dev)) for i in range(0, h.shape[0], batch_size)]
+    out = [net.features(h[i : i + batch_size].to(dev, torch.float32)) for i in range(0, h.shape[0], batch_size)]
     net.use_fixed_mask(None)
     return torch.cat(out) if out else torch.zeros(0, net.backbone.feature_dim, device=dev)
 
 
 @torch.no_grad()
-def evaluate(net: MaskedNetwork, h: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(net: MaskedNetwork, h: PrefixRows, y: torch.Tensor, mask: torch.Tensor | None, batch_size: int = 256) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the network with a fixed mask on prefix outputs."""
     feats = compute_features(net, h, mask, batch_size)
     logits = net.head(feats)

@@ -50,6 +50,11 @@ class Config:
     test_samples: int = _f(1000, "stratified subset of the test set used for server evaluation (0 = all)")
     seed: int = _f(0, "run seed; every random draw derives from (seed, round, client, purpose)")
     device: str = _f("auto", "torch device: auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    # --- memory (prefix_cache.py) ---
+    cache_dtype: str = _f("float32", "storage dtype of the cached prefix outputs; compute stays float32 (rows cast per batch), float16/bfloat16 halve the bytes", ("float32", "float16", "bfloat16"))
+    cache_ram_mb: int = _f(0, "RAM budget in MB of the prefix cache (train x2 for clients' copies + test); above it prefix_cache=auto stores it on disk (0 = no limit)")
+    prefix_cache: str = _f("auto", "where the prefix outputs live: auto (RAM within cache_ram_mb, else disk), ram (refused above the budget), disk (a file under cache_dir, read per batch)", ("auto", "ram", "disk"))
+    cache_dir: str = _f("", "directory of the disk prefix cache (files deleted when the run ends); empty = the system temp dir")
     # --- federation ---
     rounds: int = _f(30, "communication rounds in total, head warm-up included")
     num_clients: int = _f(10, "number of clients the training set is split across")
@@ -180,6 +185,7 @@ def _validate(cfg: Config) -> None:
     need(1 <= cfg.min_replies <= cfg.clients_per_round, "min_replies", f"must be in 1..clients_per_round={cfg.clients_per_round} (more replies than clients per round can never arrive)")
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    need(cfg.cache_ram_mb >= 0, "cache_ram_mb", "must be >= 0 (0 = no limit)")
 
 
 def build_config(

@@ -29,6 +29,8 @@ __all__ = [
     "DATASET_FORMS",
     "DataError",
     "ImageDataset",
+    "ImageSource",
+    "take",
     "load_dataset",
     "partition",
     "preprocess",
@@ -77,7 +79,8 @@ def _forms_text() -> str:
 class ImageDataset:
     """Train/test image arrays of one data set, in the uniform layout all code expects.
 
-    Images are uint8 ``[n, h, w, 3]`` (grayscale already expanded to RGB); labels are
+    Images are uint8 ``[n, h, w, 3]`` (grayscale already expanded to RGB), as arrays or, from
+    ``load_dataset(..., stream=True)``, as :class:`ImageSource` (read on demand); labels are
     int64 in ``0..num_classes-1`` and index into ``classes``.
     """
 
@@ -114,6 +117,56 @@ class ImageDataset:
     def num_classes(self) -> int:
         """Number of classes (length of ``classes``)."""
         return len(self.classes)
+
+
+class ImageSource:
+    """Streamed uint8 RGB images ``[n, h, w, 3]``: decoded from their files (``folder:``) or the Arrow
+    table (``hf:``) only when read, a chunk at a time, so a data set never sits in RAM whole.
+
+    It answers what the rest of the code asks of an image array: ``len``, ``shape``, ``dtype``,
+    ``ndim``; ``src[int]`` is one image and ``src[slice | index array]`` a uint8 array of those images.
+    :func:`take` (used by subsampling, splitting and partitioning) returns another source over a subset
+    without reading anything. ``np.asarray(src)`` reads it all (what the eager loaders return).
+    ``read(indices)`` decodes images by their index in the underlying collection into
+    ``[k, h, w, 3]`` (every image already at the source's size)."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, read: Any, n: int, hw: tuple[int, int], index: np.ndarray | None = None) -> None:
+        self._read = read
+        self.hw = (int(hw[0]), int(hw[1]))
+        self.index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.index), *self.hw, 3)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, idx: np.ndarray) -> "ImageSource":
+        return ImageSource(self._read, 0, self.hw, self.index[np.asarray(idx, dtype=np.int64)])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(self.index[[int(key)]])[0]
+        rows = self.index[key]
+        if len(rows) == 0:
+            return np.zeros((0, *self.hw, 3), np.uint8)
+        return self._read(rows)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+
+Images = "np.ndarray | ImageSource"
+
+
+def take(x: Any, idx: np.ndarray) -> Any:
+    """Images ``idx`` of ``x``: a copy for an array, a lazy subset (nothing read) for an ImageSource."""
+    return x.take(idx) if isinstance(x, ImageSource) else x[idx]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -176,7 +229,7 @@ def _split_dataset(
     name: str, x: np.ndarray, y: np.ndarray, classes: list[str], test_fraction: float, seed: int
 ) -> ImageDataset:
     tr, te = _stratified_split(y, test_fraction, seed)
-    return ImageDataset(name, x[tr], y[tr], x[te], y[te], classes)
+    return ImageDataset(name, take(x, tr), y[tr], take(x, te), y[te], classes)
 
 
 def _stack_pil(images: Sequence[Any], names: Sequence[str], what: str) -> np.ndarray:
@@ -436,7 +489,47 @@ def _read_images(files: list[Path]) -> list[Any]:
     return images
 
 
-def _load_folder(path: str, seed: int, test_fraction: float) -> ImageDataset:
+def _common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The most common (w, h); ties go to the size seen first (as :func:`_stack_pil`)."""
+    return Counter(sizes).most_common(1)[0][0] if sizes else (1, 1)
+
+
+def _pil_to_array(im: Any, size: tuple[int, int], name: str, what: str) -> np.ndarray:
+    """One PIL image as :func:`_stack_pil` stores it: RGB, resized (bilinear) to ``size`` = (w, h)."""
+    from PIL import Image
+
+    try:
+        rgb = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+        raise DataError(f"{what}: cannot convert image {name} to RGB: {exc}") from exc
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _folder_source(files: list[Path], what: str) -> ImageSource:
+    """Image files streamed: sizes come from the headers now (nothing decoded), pixels when read."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sizes.append(im.size)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {f}: {exc}; delete or replace the file") from exc
+    size = _common_size(sizes)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), size[1], size[0], 3), np.uint8)
+        for k, r in enumerate(rows):
+            out[k] = _pil_to_array(_read_images([files[int(r)]])[0], size, str(files[int(r)]), what)
+        return out
+
+    return ImageSource(read, len(files), (size[1], size[0]))
+
+
+def _load_folder(path: str, seed: int, test_fraction: float, stream: bool = False) -> ImageDataset:
     root = Path(path).expanduser()
     layout = (
         "expected PATH/<class_name>/<image files> (or PATH/train/<class_name>/... and "
@@ -469,8 +562,13 @@ def _load_folder(path: str, seed: int, test_fraction: float) -> ImageDataset:
     train_files, y = flatten(train_dirs)
     test_files, yt = flatten(test_dirs)
     all_files = train_files + test_files
-    x_all = _stack_pil(_read_images(all_files), [str(f) for f in all_files], f"folder:{root}")
-    x, xt = x_all[: len(train_files)], x_all[len(train_files):]
+    if stream:
+        src = _folder_source(all_files, f"folder:{root}")
+        ntr = np.arange(len(train_files), dtype=np.int64)
+        x, xt = src.take(ntr), src.take(len(train_files) + np.arange(len(test_files), dtype=np.int64))
+    else:
+        x_all = _stack_pil(_read_images(all_files), [str(f) for f in all_files], f"folder:{root}")
+        x, xt = x_all[: len(train_files)], x_all[len(train_files):]
     name = f"folder:{root.name}"
     if has_split:
         return ImageDataset(name, x, y, xt, yt, classes)
@@ -515,7 +613,48 @@ def _hf_arrays(ds: Any, img_col: str, lab_col: str, what: str) -> tuple[np.ndarr
     )
 
 
-def _load_hf(arg: str, seed: int, test_fraction: float) -> ImageDataset:
+def _hf_source(
+    ds: Any, img_col: str, lab_col: str, what: str, then_hw: tuple[int, int] | None = None
+) -> tuple[ImageSource, np.ndarray]:
+    """An hf split streamed from its Arrow table: sizes from the encoded images' headers now, pixels
+    decoded (by the column's own ``Image`` feature, as the eager path) when read. ``then_hw``: a test
+    split is resized to the train split's (h, w) after stacking, as :func:`_load_hf` does eagerly."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    feature = ds.features[img_col]
+    raw = ds.cast_column(img_col, datasets.Image(decode=False)).select_columns([img_col])
+    sizes = []
+    for ex in raw.with_format("arrow").iter(batch_size=1024):
+        for enc in ex[img_col].to_pylist():
+            try:
+                with Image.open(io.BytesIO(enc["bytes"]) if enc.get("bytes") else enc["path"]) as im:
+                    w, h = im.size
+                    if im.getexif().get(Image.ExifTags.Base.Orientation) in (5, 6, 7, 8):
+                        w, h = h, w  # decode_example applies the EXIF rotation
+            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+                raise DataError(f"{what}[{len(sizes)}]: cannot read image: {exc}") from exc
+            sizes.append((w, h))
+    size = _common_size(sizes)
+    final = then_hw if then_hw is not None and len(sizes) and then_hw != (size[1], size[0]) else None
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        encoded = raw[[int(r) for r in rows]][img_col]
+        out = np.empty((len(rows), size[1], size[0], 3), np.uint8)
+        for k, (r, enc) in enumerate(zip(rows, encoded)):
+            out[k] = _pil_to_array(feature.decode_example(enc), size, f"{what}[{int(r)}]", what)
+        if final is None:
+            return out
+        h, w = final
+        return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.BILINEAR)) for im in out])
+
+    hw = final or (size[1], size[0])
+    return ImageSource(read, len(sizes), hw), np.asarray(ds[lab_col], np.int64)
+
+
+def _load_hf(arg: str, seed: int, test_fraction: float, stream: bool = False) -> ImageDataset:
     try:
         import datasets
     except ImportError as exc:
@@ -577,6 +716,12 @@ def _load_hf(arg: str, seed: int, test_fraction: float) -> ImageDataset:
 
     img_col, lab_col = _hf_columns(train_ds, what)
     classes = [str(c) for c in train_ds.features[lab_col].names]
+    if stream:
+        x, y = _hf_source(train_ds, img_col, lab_col, what)
+        if test_ds is None:
+            return _split_dataset(what, x, y, classes, test_fraction, seed)
+        xt, yt = _hf_source(test_ds, img_col, lab_col, what, then_hw=x.hw)
+        return ImageDataset(what, x, y, xt, yt, classes)
     x, y = _hf_arrays(train_ds, img_col, lab_col, what)
     if test_ds is None:
         return _split_dataset(what, x, y, classes, test_fraction, seed)
@@ -603,12 +748,14 @@ def _hf_offline_message(name: str, exc: BaseException) -> str:
 
 
 def load_dataset(
-    spec: str, *, seed: int = 0, test_fraction: float = 0.2, data_dir: str | None = None
+    spec: str, *, seed: int = 0, test_fraction: float = 0.2, data_dir: str | None = None, stream: bool = False
 ) -> ImageDataset:
     """Load the data set named by ``spec`` (see :data:`DATASET_FORMS`).
 
     ``seed`` and ``test_fraction`` govern the stratified split made when the source
     has no test split; ``data_dir`` is where to look first for ``fashion-mnist``.
+    ``stream=True``: ``folder:`` and ``hf:`` images come as :class:`ImageSource` (decoded when
+    read, the same pixels as the eager arrays); the other forms are small arrays either way.
     """
     spec = spec.strip()
     kind, sep, arg = spec.partition(":")
@@ -622,9 +769,9 @@ def load_dataset(
         if kind_l == "npz":
             return _load_npz(arg, seed, test_fraction)
         if kind_l == "folder":
-            return _load_folder(arg, seed, test_fraction)
+            return _load_folder(arg, seed, test_fraction, stream)
         if kind_l == "hf":
-            return _load_hf(arg, seed, test_fraction)
+            return _load_hf(arg, seed, test_fraction, stream)
     raise DataError(f"unknown data set spec '{spec}'; valid forms are:\n{_forms_text()}")
 
 
@@ -660,9 +807,9 @@ def subsample(
     te = _stratified_take(ds.y_test, test_samples, rng_test)
     return ImageDataset(
         ds.name,
-        ds.x_train if tr is None else ds.x_train[tr],
+        ds.x_train if tr is None else take(ds.x_train, tr),
         ds.y_train if tr is None else ds.y_train[tr],
-        ds.x_test if te is None else ds.x_test[te],
+        ds.x_test if te is None else take(ds.x_test, te),
         ds.y_test if te is None else ds.y_test[te],
         list(ds.classes),
     )

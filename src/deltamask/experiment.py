@@ -20,6 +20,7 @@ from .config import Config, ConfigError
 from .masking import MaskedNetwork
 from .methods import ClientData, Method, create_method
 from .models import LoadedModel, load_model
+from .prefix_cache import CachePlan, DiskRows, DiskStore, PrefixRows, plan_cache
 
 log = logging.getLogger("deltamask")
 
@@ -37,16 +38,52 @@ def resolve_device(spec: str) -> torch.device:
 
 
 @torch.no_grad()
-def prefix_outputs(net: MaskedNetwork, x: np.ndarray, size: int, mean: tuple, std: tuple, device: torch.device, batch: int = 256) -> torch.Tensor:
-    """Preprocess uint8 images in chunks and run them through the mask-independent prefix."""
+def prefix_row_shape(net: MaskedNetwork, size: int, device: torch.device) -> tuple[int, ...]:
+    """Shape of one image's prefix output (one forward of a blank image), known before any real image
+    is processed so that the cache can be planned (:func:`~deltamask.prefix_cache.plan_cache`)."""
     net.eval()
-    outs = []
-    for i in range(0, len(x), batch):
-        xb = data_mod.preprocess(x[i : i + batch], size, mean, std).to(device)
-        outs.append(net.prefix(xb))
-    if not outs:
+    return tuple(net.prefix(torch.zeros((1, 3, size, size), device=device)).shape[1:])
+
+
+@torch.no_grad()
+def prefix_outputs(
+    net: MaskedNetwork,
+    x: Any,
+    size: int,
+    mean: tuple,
+    std: tuple,
+    device: torch.device,
+    batch: int = 256,
+    out: torch.Tensor | DiskStore | None = None,
+) -> PrefixRows:
+    """Preprocess uint8 images in chunks of ``batch`` and run them through the mask-independent prefix.
+
+    ``x`` is a uint8 ``[n, h, w, 3]`` array or a streamed image source (:mod:`deltamask.data`); only one
+    chunk of images is ever decoded and turned into floats. Each chunk's outputs go straight into ``out``:
+    a preallocated tensor (of the cache's dtype; cast on copy) or a :class:`DiskStore` (appended), so the
+    peak is the store plus one chunk (no list of chunks and ``torch.cat``). ``out=None``: a new float32
+    tensor on ``device``. Returns the tensor, or :class:`DiskRows` over the store."""
+    net.eval()
+    n = len(x)
+    if not n:
         raise ValueError("no images to process")
-    return torch.cat(outs)
+    for i in range(0, n, batch):
+        xb = data_mod.preprocess(x[i : i + batch], size, mean, std).to(device)
+        hb = net.prefix(xb)
+        if out is None:
+            out = torch.empty((n, *hb.shape[1:]), dtype=hb.dtype, device=device)
+        if isinstance(out, DiskStore):
+            out.append(hb)
+        else:
+            out[i : i + len(hb)] = hb
+    return DiskRows(out) if isinstance(out, DiskStore) else out
+
+
+def _new_store(plan: CachePlan, n: int, row_shape: tuple[int, ...], device: torch.device, tag: str) -> torch.Tensor | DiskStore:
+    if plan.where == "disk":
+        assert plan.directory is not None
+        return DiskStore(plan.directory, n, row_shape, plan.dtype, tag)
+    return torch.empty((n, *row_shape), dtype=plan.dtype, device=device)
 
 
 @dataclass
@@ -58,15 +95,20 @@ class Experiment:
     dataset: data_mod.ImageDataset
     partitions: list[np.ndarray]  # per client, indices into train_h (empty for clients not loaded here)
     client_sizes: list[int]  # per client, samples in the federation's split (whichever clients are loaded)
-    train_h: torch.Tensor
+    train_h: PrefixRows  # prefix outputs: a tensor of cfg.cache_dtype on the device, or DiskRows
     train_y: torch.Tensor
-    test_h: torch.Tensor
+    test_h: PrefixRows
     test_y: torch.Tensor
     image_size: int
     setup_seconds: float
+    cache_where: str = "ram"  # where the prefix outputs live (prefix_cache.plan_cache): ram or disk
 
     def client_data(self, cid: int) -> ClientData:
+        """Client ``cid``'s rows: a copy of them for an in-RAM cache, a view (row indices, read per batch)
+        for a disk cache."""
         idx = torch.from_numpy(self.partitions[cid])
+        if isinstance(self.train_h, DiskRows):
+            return ClientData(cid, self.train_h.select(self.partitions[cid]), self.train_y[idx])
         return ClientData(cid, self.train_h[idx.to(self.train_h.device)], self.train_y[idx])
 
     def describe(self) -> dict[str, Any]:
@@ -82,6 +124,8 @@ class Experiment:
             "client_sizes": self.client_sizes,
             "image_size": self.image_size,
             "device": str(self.device),
+            "prefix_cache": self.cache_where,
+            "cache_dtype": self.cfg.cache_dtype,
             "masked_params": self.net.masked_names,
         }
 
@@ -106,13 +150,13 @@ def build_experiment(
     t0 = time.time()
     device, loaded = _load_backbone(cfg, say)
     say(f"loading dataset {cfg.dataset}")
-    ds = data_mod.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir or None)
+    # folder: / hf: images are streamed (decoded a prefix chunk at a time), never all held in RAM
+    ds = data_mod.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir or None, stream=True)
     ds = data_mod.subsample(ds, cfg.train_samples or None, cfg.test_samples or None, cfg.seed)
     parts = data_mod.partition(ds.y_train, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed, cfg.min_partition_size)
     client_sizes = [int(len(p)) for p in parts]
     net = MaskedNetwork(loaded, ds.num_classes, cfg.masked_blocks, cfg.mask_pattern).to(device)
     size = cfg.image_size or loaded.input_size
-    say(f"caching prefix outputs ({net.first_masked_stage} frozen stages) at {size}px")
     if clients is None:
         train_x, train_y = ds.x_train, ds.y_train
     else:
@@ -120,13 +164,21 @@ def build_experiment(
         remap = np.full(len(ds.y_train), -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         parts = [remap[p] if c in clients else np.zeros(0, np.int64) for c, p in enumerate(parts)]
-        train_x, train_y = ds.x_train[keep], ds.y_train[keep]
-    train_h = prefix_outputs(net, train_x, size, loaded.mean, loaded.std, device) if len(train_x) else torch.zeros(0)
+        train_x, train_y = data_mod.take(ds.x_train, keep), ds.y_train[keep]
+    # Plan the cache before computing or writing anything: a cache that cannot fit fails here.
+    row_shape = prefix_row_shape(net, size, device)
+    plan = plan_cache(cfg, row_shape, len(train_x), len(ds.x_test) if test else 0)
+    say(f"caching prefix outputs ({net.first_masked_stage} frozen stages) at {size}px, {cfg.cache_dtype} in {plan.where}")
+    train_h: PrefixRows = (
+        prefix_outputs(net, train_x, size, loaded.mean, loaded.std, device, out=_new_store(plan, len(train_x), row_shape, device, "train"))
+        if len(train_x)
+        else torch.zeros(0)
+    )
     if test:
-        test_h = prefix_outputs(net, ds.x_test, size, loaded.mean, loaded.std, device)
+        test_h = prefix_outputs(net, ds.x_test, size, loaded.mean, loaded.std, device, out=_new_store(plan, len(ds.x_test), row_shape, device, "test"))
         test_y = torch.from_numpy(np.asarray(ds.y_test, dtype=np.int64))
     else:
-        test_h = torch.zeros((0, *train_h.shape[1:]), dtype=train_h.dtype, device=train_h.device)
+        test_h = torch.zeros((0, *row_shape), dtype=plan.dtype, device=device)
         test_y = torch.zeros(0, dtype=torch.int64)
     method = create_method(cfg, net)
     return Experiment(
@@ -143,6 +195,7 @@ def build_experiment(
         test_y=test_y,
         image_size=size,
         setup_seconds=time.time() - t0,
+        cache_where=plan.where,
     )
 
 
@@ -160,7 +213,9 @@ def client_experiment_from_arrays(
     ``pid``'s stored prefix outputs and labels (see :mod:`deltamask.node_cache`) instead of from the data
     set: same model (same torch seed before ``load_model``), same partitions, same ``client_data(pid)``.
 
-    ``train_h`` is moved to ``cfg``'s device; ``train_y`` stays on the CPU (as in ``build_experiment``).
+    ``train_h`` (in ``cfg.cache_dtype``) is moved to ``cfg``'s device, or into a disk store when
+    ``cfg``'s cache plan says so (the entry's bytes were read whole once: a client's partition, not the
+    data set); ``train_y`` stays on the CPU (as in ``build_experiment``).
     ``dataset`` holds the classes but no images; ``test_h`` / ``test_y`` are empty."""
     say = status or (lambda s: None)
     t0 = time.time()
@@ -175,7 +230,19 @@ def client_experiment_from_arrays(
     no_images = np.zeros((0, 1, 1, 3), np.uint8)
     no_labels = np.zeros(0, np.int64)
     ds = data_mod.ImageDataset(dataset_name, no_images, no_labels, no_images, no_labels, list(classes))
-    train_h = train_h.to(device) if n else torch.zeros(0)
+    row_shape = tuple(train_h.shape[1:])
+    plan = plan_cache(cfg, row_shape, n, 0)
+    if n and train_h.dtype != plan.dtype:
+        raise ValueError(f"client {pid}: stored prefix outputs are {train_h.dtype}, cache_dtype={cfg.cache_dtype} asks for {plan.dtype}")
+    if n and plan.where == "disk":
+        store = _new_store(plan, n, row_shape, device, "train")
+        assert isinstance(store, DiskStore)
+        for i in range(0, n, 1024):
+            store.append(train_h[i : i + 1024])
+        del train_h
+        train_h = DiskRows(store)  # type: ignore[assignment]
+    else:
+        train_h = train_h.to(device) if n else torch.zeros(0)
     return Experiment(
         cfg=cfg,
         device=device,
@@ -186,8 +253,9 @@ def client_experiment_from_arrays(
         client_sizes=[int(s) for s in client_sizes],
         train_h=train_h,
         train_y=train_y.to("cpu", torch.int64),
-        test_h=torch.zeros((0, *train_h.shape[1:]), dtype=train_h.dtype, device=train_h.device),
+        test_h=torch.zeros((0, *row_shape), dtype=plan.dtype, device=device),
         test_y=torch.zeros(0, dtype=torch.int64),
         image_size=size,
         setup_seconds=time.time() - t0,
+        cache_where=plan.where,
     )

@@ -40,6 +40,7 @@ from . import __version__
 from .config import Config
 from .experiment import Experiment, build_experiment, client_experiment_from_arrays, resolve_device
 from .methods import ClientData
+from .prefix_cache import stored_tensor
 
 log = logging.getLogger("deltamask")
 
@@ -65,6 +66,7 @@ IGNORED_KEYS: frozenset[str] = frozenset(
         "weight_lr", "qsgd_levels", "qsgd_bucket", "signsgd_mode", "topk_ratio", "drive_scale",
         "eden_bits", "rotation_block", "lora_rank", "lora_alpha", "lora_dtype",
         "max_skipped_rounds",
+        "cache_ram_mb", "prefix_cache", "cache_dir",  # where the arrays live, not what they are (cache_dtype is keyed)
     }
 )
 #: libraries whose version can change the arrays (model code, preprocessing, sampling, partitioning)
@@ -244,7 +246,7 @@ def _write_entry(cache_dir: Path, key: str, material: dict[str, Any], pid: int, 
     """Write the entry to a temporary directory, then move it into place atomically."""
     from safetensors.torch import save as st_save
 
-    arrays = {"h": data.h.detach().to("cpu").contiguous(), "y": data.y.detach().to("cpu", torch.int64).contiguous()}
+    arrays = {"h": stored_tensor(data.h).detach().to("cpu").contiguous(), "y": data.y.detach().to("cpu", torch.int64).contiguous()}
     blob = st_save(arrays)
     manifest = {
         "format": FORMAT,

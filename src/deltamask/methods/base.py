@@ -64,7 +64,7 @@ class ClientData:
     """A client's local data, already through the mask-independent prefix of the backbone."""
 
     client_id: int
-    h: torch.Tensor  # prefix outputs
+    h: Any  # prefix outputs: a tensor (cache_dtype) or prefix_cache.DiskRows; read a batch as h[idx]
     y: torch.Tensor  # labels
     #: derived, recomputable caches (e.g. pooled features under a given mask version); never sent
     cache: dict[Any, torch.Tensor] = field(default_factory=dict)
