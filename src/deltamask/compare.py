@@ -115,9 +115,16 @@ def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
 
 
 def _same_config(saved: dict[str, Any], cfg: Config) -> bool:
+    """Same run config, ignoring progress/device. A key the saved config lacks (a run made before the key
+    existed) counts as equal when this config leaves it at its default, so adding a config key does not
+    orphan finished runs."""
     ignore = {"progress", "device"}
+    defaults = json.loads(json.dumps(Config().to_dict()))
     a = {k: v for k, v in saved.items() if k not in ignore}
     b = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ignore}
+    for k in set(b) - set(a):
+        if k in defaults and b[k] == defaults[k]:
+            a[k] = b[k]
     return a == b
 
 

@@ -135,3 +135,15 @@ def test_dinov2_suite_is_valid() -> None:
     assert {c.method for _, c in runs} >= {"deltamask", "fedpm", "fedavg", "lora", "linear-probe"}
     assert sorted({c.seed for _, c in runs}) == [0, 1, 2] and len(runs) == 18
     assert len({(c.dataset, c.model, c.rounds, c.train_samples, c.image_size, c.masked_blocks) for _, c in runs}) == 1
+
+
+def test_a_run_saved_before_a_config_key_existed_is_still_the_same_run(tmp_path) -> None:
+    """Adding a config key (at its default) must not orphan finished runs; a non-default value must."""
+    from deltamask.compare import _same_config
+
+    cfg = tiny_config(rounds=2)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["cache_dtype"]  # written by a version that did not know the key
+    assert _same_config(saved, cfg)
+    assert not _same_config(saved, tiny_config(rounds=2, cache_dtype="float16"))
+    assert not _same_config({**saved, "rounds": 3}, cfg)
