@@ -112,3 +112,14 @@ def test_predict(tmp_path, capsys) -> None:
     rec = json.loads(capsys.readouterr().out)
     assert rec["image"] == str(img) and 0 <= rec["class"] < 10
     assert "does not exist" in _user_error(["predict", "--model", str(tmp_path / "none.safetensors"), str(img)], capsys)
+
+
+def test_bpp_plot_total_is_uplink_plus_downlink_per_round() -> None:
+    from deltamask.report import total_bpp
+
+    recs = [
+        {"round": 1, "uplink_bpp": 0.5, "downlink_bpp": 0.25},
+        {"round": 2, "uplink_bpp": None, "downlink_bpp": 0.1},  # a skipped round records no uplink
+        {"round": 3, "uplink_bpp": 0.04, "downlink_bpp": 0.17},
+    ]
+    assert total_bpp(recs) == [(1, 0.75), (3, pytest.approx(0.21))]

@@ -21,7 +21,8 @@ Each run goes to ``OUT/runs/NAME`` (``OUT/runs/NAME-sSEED`` with ``seeds``; a no
 state, and a finished run whose config changed is an error (delete its folder or rename the run).
 Outputs, read back from the runs' files only: ``comparison.csv``, ``comparison.md`` and
 ``comparison.png`` (final accuracy against mean uplink bpp, log axis, one point per run: the shape of
-DeltaMask's Figure 1).
+DeltaMask's Figure 1) and ``comparison-total.png`` (the same against total bits, uplink + downlink: what
+a user pays both ways).
 
 With ``seeds``, ``comparison.md`` first gives one row per run with the mean and the sample standard
 deviation over its seeds (accuracy claims are means over seeds with their spread), then every seed's
@@ -60,6 +61,7 @@ COLUMNS = (
     "uplink_bytes",
     "downlink_bytes",
     "total_bytes",
+    "total_bytes_per_client_round",
     "wall_seconds",
     "rounds",
     "num_masked_params",
@@ -161,6 +163,7 @@ def collect_row(name: str, folder: Path, seed: int | None = None) -> dict[str, A
     train = [r for r in recs if r.get("phase") != "head"] or recs
     up_train = [r["uplink_bpp"] for r in train if r.get("uplink_bpp") is not None]
     up_b, down_b = int(s.get("total_uplink_bytes", 0)), int(s.get("total_downlink_bytes", 0))
+    client_rounds = sum(len(r.get("selected") or []) for r in recs)  # every client a round sends theta to
     return {
         "name": name,
         "method": s.get("method"),
@@ -174,6 +177,7 @@ def collect_row(name: str, folder: Path, seed: int | None = None) -> dict[str, A
         "uplink_bytes": up_b,
         "downlink_bytes": down_b,
         "total_bytes": up_b + down_b,
+        "total_bytes_per_client_round": (up_b + down_b) / client_rounds if client_rounds else None,
         "wall_seconds": (s.get("wall_seconds") or 0.0) + (s.get("setup_seconds") or 0.0),
         "rounds": s.get("rounds_completed"),
         "num_masked_params": s.get("num_masked_params"),
@@ -219,8 +223,8 @@ def _fmt(v: Any, key: str) -> str:
         return f"{v:.4f}"
     if key.endswith("bpp") or key.endswith("bpp_all_rounds"):
         return f"{v:.4g}"
-    if key.endswith("bytes"):
-        return f"{int(v):,}"
+    if key.endswith("bytes") or key.endswith("bytes_per_client_round"):
+        return f"{int(round(v)):,}"
     if key == "wall_seconds":
         return f"{v:.0f}"
     return str(v)
@@ -235,8 +239,10 @@ def write_outputs(out: Path, title: str, rows: list[dict[str, Any]]) -> list[Pat
         for r in rows:
             w.writerow({k: r.get(k) for k in COLUMNS})
     written.append(out / "comparison.csv")
-    shown = ("name", "method", "final_accuracy", "best_accuracy", "uplink_bpp", "downlink_bpp", "total_bytes", "wall_seconds")
-    heads = ("run", "method", "final acc", "best acc", "mean uplink bpp (training rounds)", "mean downlink bpp", "total bytes (up+down)", "wall time (s)")
+    shown = ("name", "method", "final_accuracy", "best_accuracy", "uplink_bpp", "downlink_bpp", "total_bpp", "total_bytes",
+             "total_bytes_per_client_round", "wall_seconds")
+    heads = ("run", "method", "final acc", "best acc", "mean uplink bpp (training rounds)", "mean downlink bpp",
+             "total bpp (up+down)", "total bytes (up+down)", "bytes per client-round (up+down)", "wall time (s)")
     n = rows[0].get("num_masked_params") if rows else None
     lines = [
         f"# {title}",
@@ -253,6 +259,7 @@ def write_outputs(out: Path, title: str, rows: list[dict[str, Any]]) -> list[Pat
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     written.append(out / "comparison.md")
     written.append(plot_comparison(out / "comparison.png", title, rows))
+    written.append(plot_comparison(out / "comparison-total.png", title, rows, x_key="total_bpp"))
     return written
 
 
@@ -271,8 +278,15 @@ def _seed_table(agg: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
-    """Final accuracy against mean uplink bpp (log axis), one labelled point per run."""
+_X_LABELS = {
+    "uplink_bpp": "mean uplink bits per parameter (training rounds, log scale)",
+    "total_bpp": "mean total bits per parameter, uplink + downlink, per client-round (all rounds, log scale)",
+}
+
+
+def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]], x_key: str = "uplink_bpp") -> Path:
+    """Final accuracy against mean uplink bpp (``x_key="total_bpp"``: up + down), log axis, one labelled
+    point per run (per run name, mean ± sd, with seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +295,7 @@ def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     seeded = any(r.get("seed") is not None for r in rows)
     for r in aggregate_rows(rows) if seeded else rows:
-        x, y = r.get("uplink_bpp"), r.get("final_accuracy")
+        x, y = r.get(x_key), r.get("final_accuracy")
         if x is None or y is None or x <= 0:
             continue
         star = r.get("method") == "deltamask"
@@ -290,7 +304,7 @@ def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]]) -> Path:
         label = f"{r['name']} (n={r['seeds']})" if seeded else r["name"]
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("mean uplink bits per parameter (training rounds, log scale)")
+    ax.set_xlabel(_X_LABELS[x_key])
     ax.set_ylabel("final test accuracy" + (" (mean ± sd over seeds)" if seeded else ""))
     ax.grid(alpha=0.3, which="both")
     ax.set_title(textwrap.fill(title, 80), fontsize=9)  # long suite titles must fit the figure

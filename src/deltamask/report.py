@@ -7,8 +7,17 @@ from pathlib import Path
 from .metrics import read_jsonl
 
 
+def total_bpp(recs: list[dict]) -> list[tuple[int, float]]:
+    """(round, uplink + downlink bpp per client) for every round that records both directions."""
+    return [
+        (r["round"], float(r["uplink_bpp"]) + float(r["downlink_bpp"]))
+        for r in recs
+        if r.get("uplink_bpp") is not None and r.get("downlink_bpp") is not None
+    ]
+
+
 def plot_run(out: str | Path) -> list[Path]:
-    """accuracy.png (accuracy per round) and bpp.png (uplink/downlink bpp per round)."""
+    """accuracy.png (accuracy per round) and bpp.png (uplink, downlink and their sum, bpp per round)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,6 +49,8 @@ def plot_run(out: str | Path) -> list[Path]:
     if bound:
         ax.plot([b[0] for b in bound], [b[1] for b in bound], ls=":", label="uplink (entropy bound)")
     ax.plot(rounds, [r["downlink_bpp"] for r in recs], marker="s", ms=3, label="downlink (actual)")
+    total = total_bpp(recs)
+    ax.plot([t[0] for t in total], [t[1] for t in total], lw=2, color="black", alpha=0.7, label="total (up + down)")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("round")
     ax.set_ylabel("bits per masked parameter, per client")

@@ -51,6 +51,13 @@ def test_two_method_suite_with_resume_and_skip(tmp_path) -> None:
     md = (out / "comparison.md").read_text()
     assert "| probe | linear-probe |" in md and "| sign | signsgd |" in md and "uplink bpp" in md
     assert (out / "comparison.png").stat().st_size > 0
+    assert (out / "comparison-total.png").stat().st_size > 0  # accuracy against up + down bits
+    for r in rows:  # bytes per client-round, recomputed from the run's own records
+        recs = [json.loads(line) for line in (out / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()]
+        bits = sum(x["uplink_bits"] + x["downlink_bits"] for x in recs)
+        assert r["total_bytes"] * 8 == bits
+        assert r["total_bytes_per_client_round"] == pytest.approx(bits / 8 / sum(len(x["selected"]) for x in recs))
+    assert "bytes per client-round (up+down)" in md
     # a second pass skips everything; the CLI prints the table
     log.clear()
     assert run_suite(suite, out, say=log.append) == rows
