@@ -59,7 +59,7 @@ def _timed(fn, device: torch.device, repeats: int) -> list[float]:  # noqa: ANN0
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    lm = load_model(args.model, "random", image_size=args.image_size) if _takes_size() else load_model(args.model, "random")
+    lm = load_model(args.model, "random", image_size=args.image_size)
     net = MaskedNetwork(lm, 10, masked_blocks=args.blocks).to(device)
     n_img = args.batch * args.steps
     with torch.no_grad():
@@ -87,7 +87,7 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
 
     # dense: the same architecture without parametrizations, the same blocks' parameters trainable
     torch.manual_seed(0)
-    plain = load_model(args.model, "random", image_size=args.image_size) if _takes_size() else load_model(args.model, "random")
+    plain = load_model(args.model, "random", image_size=args.image_size)
     bb = plain.backbone.to(device)
     first = net.first_masked_stage
     head = torch.nn.Linear(bb.feature_dim, 10).to(device)
@@ -129,12 +129,6 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
     out["masked_over_dense"] = out["masked"]["images_per_s"] / out["dense"]["images_per_s"]
     print(f"[train] masked / dense throughput: {out['masked_over_dense']:.2f}x", flush=True)
     return out
-
-
-def _takes_size() -> bool:
-    import inspect
-
-    return "image_size" in inspect.signature(load_model).parameters
 
 
 def bench_filter(args: argparse.Namespace, device: torch.device) -> dict:

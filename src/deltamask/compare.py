@@ -71,6 +71,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
     """(title, [(run name, validated config)]) from a suite file; every problem raises ConfigError."""
+    title, runs, _ = _read_suite(path)
+    return title, runs
+
+
+def _read_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]], list[int] | None]:
+    """:func:`load_suite` plus the suite's ``seeds`` (None when it has none)."""
     p = Path(path)
     data = read_toml(p, "suite file", " (see configs/suites/default.toml)")
     unknown = set(data) - {"title", "base", "runs", "seeds"}
@@ -113,7 +119,7 @@ def load_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]]]:
             except ConfigError as e:
                 raise ConfigError(f"suite file {str(p)!r}, run {name!r}: {e}") from None
             out.append((name if seed is None else f"{name}-s{seed}", cfg))
-    return str(data.get("title", p.stem)), out
+    return str(data.get("title", p.stem)), out, seeds
 
 
 def _same_config(saved: dict[str, Any], cfg: Config) -> bool:
@@ -317,8 +323,8 @@ def plot_comparison(path: Path, title: str, rows: list[dict[str, Any]], x_key: s
 def run_suite(suite: str | Path, out_dir: str | Path, only: list[str] | None = None, say: Any = None) -> list[dict[str, Any]]:
     """Run (or resume / skip) every run of a suite, then write the comparison files; returns the rows."""
     log = say or (lambda m: print(m, file=sys.stderr, flush=True))
-    title, runs = load_suite(suite)
-    seeded = read_toml(Path(suite), "suite file", "").get("seeds") is not None
+    title, runs, seeds = _read_suite(suite)
+    seeded = seeds is not None
     if only:
         names = {n for n, _ in runs}
         missing = [o for o in only if o not in names]
