@@ -185,6 +185,12 @@ def test_unstageable_model_says_to_use_mask_pattern(monkeypatch: pytest.MonkeyPa
     assert net.first_masked_stage == 0 and torch.equal(net.prefix(x), x)
     with torch.no_grad():
         torch.testing.assert_close(net.features(x), lm.backbone.root.forward_head(lm.backbone.root.forward_features(x), pre_logits=True))
+    # a run says so: no silent loss of the prefix cache
+    from deltamask.experiment import build_experiment
+
+    said: list[str] = []
+    build_experiment(_run_cfg("timm:test_resnet", mask_pattern="layer4"), status=said.append)
+    assert any("could not be cut into blocks (no block container found): no prefix cache" in m for m in said), said
 
 
 def test_self_check_catches_a_wrong_composition(monkeypatch: pytest.MonkeyPatch) -> None:

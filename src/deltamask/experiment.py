@@ -168,6 +168,10 @@ def build_experiment(
     # Plan the cache before computing or writing anything: a cache that cannot fit fails here.
     row_shape = prefix_row_shape(net, size, device)
     plan = plan_cache(cfg, row_shape, len(train_x), len(ds.x_test) if test else 0)
+    if net.backbone.staging_error:  # one opaque stage: the whole model runs every step (mask_pattern only)
+        msg = f"{cfg.model} could not be cut into blocks ({net.backbone.staging_error}): no prefix cache, the whole model runs every step"
+        log.warning(msg)
+        say(msg)
     say(f"caching prefix outputs ({net.first_masked_stage} frozen stages) at {size}px, {cfg.cache_dtype} in {plan.where}")
     train_h: PrefixRows = (
         prefix_outputs(net, train_x, size, loaded.mean, loaded.std, device, out=_new_store(plan, len(train_x), row_shape, device, "train"))
