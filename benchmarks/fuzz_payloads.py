@@ -62,11 +62,33 @@ def sample(name: str, rng: np.random.Generator) -> tuple[bytes, int, dict[str, A
             return codec.encode(a), a.size, {}
         a = rng.standard_normal(n).astype(np.float32)
         return codec.encode(a), n, {}
+    if codec.kind == "delta":
+        return _delta_sample(codec, n, rng), n, {}
     from deltamask.codecs.dense import theta_from_counts
 
     total = int(rng.integers(1, 12))
     counts = rng.binomial(total, 0.4, n)
     return codec.encode(theta_from_counts(counts, total), counts, total), n, {}
+
+
+def _delta_sample(codec: Any, n: int, rng: np.random.Generator) -> bytes:
+    """A theta-delta message of a random mode: same, cond (counts or q8 levels) or replay (index sets)."""
+    base, target = rng.bytes(16), rng.bytes(16)
+    mode = ("same", "cond", "cond-q8", "replay")[int(rng.integers(0, 4))]
+    if mode == "same":
+        return codec.encode_same(n, target)
+    if mode == "replay":
+        from deltamask.codecs import get_codec
+
+        golomb = get_codec("golomb")
+        rounds = [(int(r), [golomb.encode(np.sort(rng.choice(n, min(n, 5), replace=False)), n) for _ in range(int(rng.integers(0, 3)))])
+                  for r in range(1, int(rng.integers(1, 4)))]
+        return codec.encode_replay(n, rounds, base, target)
+    if mode == "cond-q8":
+        old = rng.integers(0, 256, n)
+        return codec.encode_cond(np.clip(old + rng.integers(-2, 3, n), 0, 255), old, "q8", 255, 255, "mode", 0.01, (1.0, 1.0), base, target)
+    tv, tt = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+    return codec.encode_cond(rng.binomial(tt, 0.4, n), rng.binomial(tv, 0.4, n), "counts", tt, tv, "mode", 0.01, (1.0, 1.0), base, target)
 
 
 def _recrc(body: bytes) -> bytes:
@@ -135,7 +157,7 @@ def check_result(name: str, out: Any, n: int, data: bytes, how: str) -> str | No
     """Why a successful decode's result is malformed (None when it is well-formed)."""
     codec = get_codec(name)
     header_count = HEADER.unpack_from(data, 0)[5] if len(data) >= HEADER.size else None
-    if not isinstance(out, np.ndarray):
+    if codec.kind != "delta" and not isinstance(out, np.ndarray):
         return f"returned {type(out).__name__}"
     if how == "decode_mask" or codec.kind == "mask":
         if out.dtype != bool or out.shape != (n,):
@@ -151,6 +173,16 @@ def check_result(name: str, out: Any, n: int, data: bytes, how: str) -> str | No
         if not codec.lossy and name != "auto" and out.size != header_count:
             return f"{out.size} indices, header says {header_count}"
         return None
+    if codec.kind == "delta":
+        from deltamask.codecs.delta import DeltaMessage
+
+        if not isinstance(out, DeltaMessage) or out.n != n:
+            return f"delta decode returned {type(out).__name__} for n={n}"
+        if out.mode == "cond" and sum(g[1] for g in out.groups) != n:
+            return "cond groups do not cover n"
+        return None
+    if not isinstance(out, np.ndarray):
+        return f"returned {type(out).__name__}"
     if codec.kind == "probs":
         if out.shape != (n,) or not np.issubdtype(out.dtype, np.floating):
             return f"probs {out.dtype} {out.shape}"

@@ -25,6 +25,11 @@ def golden_input(codec: Codec) -> dict[str, Any]:
         if codec.lossy:  # gradient compressors take a flat update vector
             return {"array": rng.standard_normal(300).astype(np.float32)}
         return {"array": rng.standard_normal((3, 5)).astype(np.float32)}
+    if codec.kind == "delta":  # theta's counts coded against an older version's counts
+        old = rng.binomial(8, 0.4, GOLDEN_N)
+        new = np.where(rng.random(GOLDEN_N) < 0.1, rng.binomial(6, 0.5, GOLDEN_N), np.minimum(old, 6))
+        return {"mode": "cond", "n": GOLDEN_N, "base": bytes(range(16)), "target": bytes(range(16, 32)), "kind": "counts",
+                "levels_t": new, "levels_v": old, "total_t": 6, "total_v": 8}
     counts = rng.binomial(8, 0.4, GOLDEN_N)
     from deltamask.codecs.dense import theta_from_counts
 

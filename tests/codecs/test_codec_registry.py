@@ -149,6 +149,9 @@ def test_golden_payload(name: str) -> None:
             assert np.array_equal(codec.decode(golden), kw["array"])
     elif codec.kind == "array":
         np.testing.assert_allclose(codec.decode(golden), kw["array"], rtol=1e-3)
+    elif codec.kind == "delta":
+        got = codec.cond_levels(codec.decode(golden), kw["levels_v"], kw["total_v"])
+        assert np.array_equal(got, kw["levels_t"])
     else:
         assert np.max(np.abs(codec.decode(golden) - kw["theta"])) <= 1 / 510 + 1e-6
 

@@ -7,6 +7,7 @@ from . import dense, exact, fuse  # noqa: F401  (registration side effects)
 from . import auto  # noqa: F401  (after the codecs it chooses among)
 from . import quant  # noqa: F401  (the baselines' compressors)
 from . import rans  # noqa: F401  (the fast exact downlink)
+from . import delta  # noqa: F401  (theta against the client's cached version)
 from .base import (
     ArrayCodec,
     Codec,

@@ -28,7 +28,7 @@ import numpy as np
 
 from .container import CodecError, check_decode_size, unpack
 
-KINDS = ("indices", "mask", "array", "probs")
+KINDS = ("indices", "mask", "array", "probs", "delta")
 
 
 class Codec(ABC):
