@@ -87,6 +87,8 @@ class Config:
     # --- codecs ---
     codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")
     downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32")
+    downlink: str = _f("auto", "theta to a client that holds an older version: auto (smallest of snapshot, cond, replay), snapshot (theta alone), cond (levels coded against the client's cached levels), replay (the uplinks it missed)", ("auto", "snapshot", "cond", "replay"))
+    downlink_history: int = _f(8, "theta versions the server keeps to code against (a client holding an older one gets a snapshot)")
     head_codec: str = _f("f32", "codec of the dense head", ("f32", "f16"))
     # --- output ---
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")
@@ -179,6 +181,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.alpha > 0, "alpha", "must be > 0")
     need(cfg.masked_blocks >= 1 or cfg.mask_pattern != "", "masked_blocks", "must be >= 1 (or set mask_pattern)")
     need(cfg.reset_every >= 0, "reset_every", "must be >= 0")
+    need(cfg.downlink_history >= 1, "downlink_history", "must be >= 1")
     need(cfg.head_warmup_rounds >= 0, "head_warmup_rounds", "must be >= 0")
     need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")
     need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")

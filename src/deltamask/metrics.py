@@ -85,6 +85,11 @@ def _mean(xs: Iterable[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _mean_present(records: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
 def summarize(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """summary.json from the per-round records plus run metadata (method, model, N, config...)."""
     accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
@@ -104,6 +109,9 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
             "mean_uplink_bound_bpp": _mean(r.get("uplink_bound_bpp") for r in records if r.get("uplink_bound_bpp") is not None)
             if any(r.get("uplink_bound_bpp") is not None for r in records)
             else None,
+            "mean_uplink_kl_floor_bpp": _mean_present(records, "uplink_kl_floor_bpp"),
+            "mean_downlink_snapshot_bpp": _mean_present(records, "downlink_snapshot_bpp"),
+            "mean_downlink_cond_entropy_bpp": _mean_present(records, "downlink_cond_entropy_bpp"),
             "total_uplink_bytes": up_bits // 8,
             "total_downlink_bytes": down_bits // 8,
             "total_false_positives": sum(r.get("false_positives", 0) or 0 for r in records),

@@ -97,6 +97,7 @@ def round_record(
     n_up = max(len(replies), 1)
     n_down = max(len(downlink_bits), 1)
     bound = [c["bound_bits"] for c in agg.clients if "bound_bits" in c]
+    kl = [c["kl_floor_bits"] for c in agg.clients if "kl_floor_bits" in c]
     dropped = {d.client for d in agg.dropped}
     accepted = [r for r in replies if r.client_id not in dropped]  # a malformed reply's metrics do not count
     rec: dict[str, Any] = {
@@ -114,6 +115,7 @@ def round_record(
         "uplink_bpp_all": up / n_up / n_all,
         "downlink_bpp_all": down / n_down / n_all,
         "uplink_bound_bpp": (sum(bound) / len(bound) / n) if bound else None,
+        "uplink_kl_floor_bpp": (sum(kl) / len(kl) / n) if kl else None,
         "train_loss": float(np.mean([r.metrics.get("train_loss", np.nan) for r in accepted])) if accepted else None,
         "seconds": seconds,
     }
@@ -347,12 +349,39 @@ def _failure_summary(rec: dict[str, Any] | None) -> str:
     return f"round {rec['round']}: {len(fails)} failed, e.g. {shown}"
 
 
+def _resend_stale(exp: Experiment, transport: Transport, state: ServerState, rnd: int, ex: Exchange, down_bits: dict[int, int]) -> list[int]:
+    """Clients whose cached theta was not the version the server coded against (``StaleCache``: a node
+    restarted, a late Flower ClientApp overwrote its state, a damaged cache) get a snapshot in the same
+    round: the server forgets what it believed they held and sends again. Both sends are counted."""
+    from .methods.theta_sync import is_stale
+
+    stale = sorted(c for c, f in ex.failures.items() if is_stale(f.reason))
+    if not stale:
+        return []
+    for c in stale:
+        log.warning("round %d: client %d: %s; re-sending it a snapshot", rnd, c, ex.failures[c].reason)
+        exp.method.delivered(state, c, False)
+        transport.forget(c)
+        del ex.failures[c]
+    again = {c: exp.method.downlink(state, c, rnd) for c in stale}
+    ex2 = transport.exchange(rnd, again)
+    for c, b in again.items():
+        down_bits[c] += 8 * len(b)
+    ex.replies.update(ex2.replies)
+    ex.failures.update(ex2.failures)
+    for k, v in ex2.fields.items():
+        ex.fields[k] = ex.fields.get(k, 0) + v if isinstance(v, (int, float)) else v
+    return stale
+
+
 def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: int, out: Path) -> dict[str, Any]:
     t0 = time.time()
     cfg, method = exp.cfg, exp.method
     selected = select_clients(cfg, rnd, transport.available(rnd))
     downlinks = {cid: method.downlink(state, cid, rnd) for cid in selected}
     ex: Exchange = transport.exchange(rnd, downlinks)
+    down_bits = {cid: 8 * len(b) for cid, b in downlinks.items()}
+    resent = _resend_stale(exp, transport, state, rnd, ex, down_bits)
     replies = [ex.replies[c] for c in selected if c in ex.replies]
     failures = [ex.failures[c] for c in selected if c in ex.failures]
     failures += [Failure(c, "the transport returned neither a reply nor a failure", "transport") for c in selected
@@ -370,9 +399,10 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
         transport.forget(d.client)
     state.round = rnd
     evaluation = evaluate_global(exp, state, rnd) if (rnd % cfg.eval_every == 0 or rnd == cfg.rounds) else None
-    down_bits = {cid: 8 * len(b) for cid, b in downlinks.items()}
     rec = round_record(exp, rnd, selected, down_bits, replies, failures, agg, evaluation, time.time() - t0)
     rec.update(ex.fields)
+    if resent:
+        rec["stale_resent"] = resent
     append_jsonl(out / "metrics.jsonl", rec)
     save_state(out, state, transport.client_states() or {}, cfg.to_dict(), engine=transport.name)
     return rec

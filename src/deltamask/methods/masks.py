@@ -38,6 +38,7 @@ from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import ConfigError
 from ..server import MaskAggregator, ServerState, fedavg, init_state, posterior
+from .theta_sync import ThetaSync, kl_floor_bits
 from .base import (
     Aggregation,
     ClientContext,
@@ -147,6 +148,7 @@ class MaskMethod(_HeadRounds):
                 if cfg.reset_every != 1 or cfg.weighted:
                     raise ConfigError(f"downlink_codec={cfg.downlink_codec} needs reset_every=1 and weighted=false "
                                       "(theta must be a function of counts)")
+        self.sync = ThetaSync(self)
 
     def uses_masks(self) -> bool:
         return True
@@ -158,6 +160,7 @@ class MaskMethod(_HeadRounds):
         state = init_state(self.n, self.cfg.theta0, w, b, posterior_params=self.cfg.reset_every != 1)
         # From the first round on, theta_g is what the clients decode (q8 of theta0 is not theta0).
         state.theta = self._theta_codec(state.counts is not None).reconstruct(state.theta, None, None)
+        self.sync.register(state, None, 0)
         return state
 
     def server_device(self) -> Any:
@@ -191,19 +194,15 @@ class MaskMethod(_HeadRounds):
         return codec.encode(state.theta, state.counts, state.counts_total if state.counts is not None else None)
 
     def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
-        parts = []
-        if state.client_theta_version.get(client_id, -1) != state.theta_version:
-            parts.append(self.theta_payload(state))
-            state.client_theta_version[client_id] = state.theta_version
+        """theta as the smallest admissible message against the client's cached version (``theta_sync``:
+        snapshot, cond, replay, or only the digest when it is current), then the head if stale."""
+        parts = [self.sync.theta_part(state, client_id, round_)]
         parts += self.head_downlink_part(state, client_id)
         return join_bundle(parts)
 
     def _client_theta(self, parts: dict[str, bytes], ctx: ClientContext) -> np.ndarray:
-        if "probs" in parts:
-            theta = codec_of(parts["probs"]).decode(parts["probs"], expect_n=self.n)
-            if theta.shape != (self.n,):
-                raise ClientFailure(f"theta payload has {theta.shape[0]} entries, this model masks {self.n}")
-            ctx.state["theta"] = theta
+        part = parts.get("probs") or parts.get("delta")
+        if part is not None and self.sync.client_apply(part, ctx.state):
             ctx.state["theta_seq"] = ctx.state.get("theta_seq", 0) + 1
         if "theta" not in ctx.state:
             raise ClientFailure("no theta received and none cached (client state lost?)")
@@ -238,8 +237,11 @@ class MaskMethod(_HeadRounds):
         g = seeding.generator(ctx.seed, ctx.round, ctx.client_id, "mask-sample", dev)
         theta_k = res.theta
         m_k = (torch.rand(theta_k.shape, generator=g, device=dev) < theta_k).cpu().numpy()
-        payload, metrics = self.encode_mask(m_k, theta_k.cpu().numpy(), theta_g, ctx)
+        theta_k_np = theta_k.cpu().numpy()
+        payload, metrics = self.encode_mask(m_k, theta_k_np, theta_g, ctx)
         metrics["train_loss"] = res.loss
+        # simulator truth (never counted as payload): the KL floor of conveying a sample of theta_k to theta_g
+        metrics["kl_floor_bits"] = kl_floor_bits(theta_k_np, theta_g)
         parts_up = [payload]
         if self.cfg.train_head:
             parts_up.append(self.encode_head(self.net.head.weight.detach().cpu().numpy(), self.net.head.bias.detach().cpu().numpy()))
@@ -260,6 +262,7 @@ class MaskMethod(_HeadRounds):
             return self.head_round_aggregate(state, replies)
         agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted, device=self.server_device())
         per_client: list[dict[str, Any]] = []
+        accepted_parts: list[bytes] = []
         dropped: list[Failure] = []
         heads, head_w = [], []
         for r in replies:
@@ -281,7 +284,10 @@ class MaskMethod(_HeadRounds):
                 stats["false_positives"] = stats["num_members"] - r.metrics["num_keys"]
                 stats["bound_bits"] = log2_binomial(self.n, int(r.metrics["num_keys"]))
             stats.update({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(mask_part).name})
+            if "kl_floor_bits" in r.metrics:
+                stats["kl_floor_bits"] = float(r.metrics["kl_floor_bits"])
             per_client.append(stats)
+            accepted_parts.append(mask_part)
             kind, data = update
             if kind == "flips":
                 agg.add_flips(data, r.num_samples)
@@ -313,15 +319,42 @@ class MaskMethod(_HeadRounds):
         # What the clients will decode is the global model: make the server use exactly that (computed
         # directly, as decode(encode(.)) would give it; the payload is encoded at the first downlink).
         state.theta = codec.reconstruct(theta, counts, total if exact else None)
+        # a client that missed this round can rebuild its result from these payloads while theta is a
+        # function of the round's counts alone (priors reset every round, unweighted, a counts codec)
+        replayable = exact and self.cfg.reset_every == 1 and not self.cfg.weighted and isinstance(codec, ProbsCountsCodec)
+        self.sync.register(state, accepted_parts if replayable else None, round_)
         if heads:
             state.head_weight = fedavg([h[0] for h in heads], head_w)
             state.head_bias = fedavg([h[1] for h in heads], head_w)
             state.head_version += 1
         return info
 
+    def downlink_fields(self) -> dict[str, Any]:
+        """This round's theta downlink: the mode each client got, what a snapshot-only downlink would have
+        sent (bpp per selected client; nothing to a current client), and the empirical entropy of the new
+        levels given what each client held (the conditional code's floor)."""
+        st = self.sync.stats
+        if not st:
+            return {}
+        modes: dict[str, int] = {}
+        for s in st.values():
+            modes[s["mode"]] = modes.get(s["mode"], 0) + 1
+        out: dict[str, Any] = {
+            "downlink_modes": dict(sorted(modes.items())),
+            "downlink_theta_bpp": float(np.mean([s["bits"] for s in st.values()])) / self.n,
+            "downlink_snapshot_bpp": float(np.mean([s["snapshot_bits"] for s in st.values()])) / self.n,
+        }
+        # per client (id: bits) what each policy would have sent: snapshot-only, cond / replay where admissible
+        out["downlink_candidates"] = {str(c): {k: s[k] for k in ("mode", "bits", "snapshot_bits", "cond_bits", "replay_bits") if k in s}
+                                      for c, s in sorted(st.items())}
+        ent = [s["cond_entropy_bits"] for s in st.values() if s.get("cond_entropy_bits") is not None]
+        if len(ent) == len(st):
+            out["downlink_cond_entropy_bpp"] = float(np.mean(ent)) / self.n
+        return out
+
     def record_fields(self, agg: Aggregation, replies: list[Reply]) -> dict[str, Any]:
         """Filter false positives (simulator truth), bits per key, keys sent and kappa."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = self.downlink_fields()
         if not agg.clients:
             return out
         fps = [c["false_positives"] for c in agg.clients if "false_positives" in c]

@@ -1,0 +1,320 @@
+"""Theta down, coded against what each client already holds (issue 9).
+
+The server knows which theta version each client cached (``state.client_theta_version``). Per client
+and round it sends the smallest admissible message (config key ``downlink``):
+
+* ``snapshot``  theta on its own (the downlink codec's payload: counts or q8); the only choice for a
+  client that holds nothing;
+* ``cond``      the new levels coded conditioned on the levels of the client's version
+  (:class:`~deltamask.codecs.delta.ThetaDeltaCodec`, exact);
+* ``replay``    the accepted uplink payloads of the rounds the client missed; the client re-runs the
+  aggregation from its cached theta (only while theta is a function of each round's counts);
+* ``same``      the client is current: only the digest of the theta it must hold.
+
+``auto`` (default) takes the smallest of snapshot, cond and replay; ``cond`` / ``replay`` take that mode
+wherever it is admissible and a snapshot elsewhere; ``snapshot`` is the old behaviour (plus ``same``).
+
+Every non-snapshot message names the version it was coded against and the one the client must end
+with by their digests (BLAKE2b-128 of theta's float32 bytes); the client checks both and raises
+:class:`StaleCache` on a mismatch, and the round driver re-sends that client a snapshot in the same
+round. So a cache that went stale behind the server's back (a node restarted, a late Flower ClientApp
+overwrote newer state) is caught instead of silently training from the wrong theta.
+
+The server keeps, in ``state.extra`` (persisted with the run state, so resume continues exactly), per
+version some client holds: its levels, their kind and total, and its digest; per version produced by a
+replayable round: that round's accepted uplink payloads. At most ``downlink_history`` versions are kept;
+a client older than that gets a snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..codecs import CodecError, codec_of, get_codec
+from ..codecs.delta import LEVEL_KINDS, ThetaDeltaCodec, conditional_entropy_bits, marginal_entropy_bits, theta_digest
+from ..codecs.dense import ProbsCountsCodec, ProbsQ8Codec, _quantize8, counts_table, lookup
+from ..server import ServerState
+from .base import ClientFailure
+
+log = logging.getLogger("deltamask")
+
+DOWNLINK_MODES = ("auto", "snapshot", "cond", "replay")
+_KIND_OF = {v: k for k, v in LEVEL_KINDS.items()}
+_Q8_TABLE = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float32)
+
+
+class StaleCache(ClientFailure):
+    """The client's cached theta is not the version the server coded against (or the rebuilt theta is
+    not the one the server holds). The driver re-sends a snapshot in the same round."""
+
+    MARK = "[stale theta cache]"
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(f"{self.MARK} {msg}")
+
+
+def is_stale(reason: str) -> bool:
+    """Whether a failure reason (as it crossed any transport) is a :class:`StaleCache`."""
+    return StaleCache.MARK in reason
+
+
+def levels_of(codec: Any, theta: np.ndarray, counts: np.ndarray | None, total: int) -> tuple[str, int, np.ndarray] | None:
+    """(kind, total, levels) that the snapshot codec ``codec`` sends for this theta, or None (float32)."""
+    if isinstance(codec, ProbsCountsCodec) and counts is not None:
+        c = np.asarray(counts).ravel()
+        return "counts", int(total), c.astype(np.uint8 if total <= 255 else np.uint16, copy=False)
+    if isinstance(codec, ProbsQ8Codec):
+        return "q8", 255, _quantize8(theta)
+    return None
+
+
+def theta_from_levels(kind: str, total: int, levels: np.ndarray, stat: str, eps: float, prior: tuple[float, float]) -> np.ndarray:
+    if kind == "counts":
+        return lookup(counts_table(total, stat, eps, prior), levels)
+    return lookup(_Q8_TABLE, levels)
+
+
+class ThetaSync:
+    """The server's and the client's side of the theta downlink of one mask method."""
+
+    def __init__(self, method: Any) -> None:
+        self.m = method
+        self.cfg = method.cfg
+        self.mode = self.cfg.downlink
+        self.history = self.cfg.downlink_history
+        self.codec: ThetaDeltaCodec = get_codec("theta-delta")  # type: ignore[assignment]
+        self._cond_cache: dict[tuple[int, int], bytes] = {}
+        #: per client, this round's downlink statistics (read by the method's record_fields)
+        self.stats: dict[int, dict[str, Any]] = {}
+        self._stats_round = -1
+
+    # --- server: versions ------------------------------------------------------------------------
+    @staticmethod
+    def _key(what: str, v: int) -> str:
+        return f"dl/{what}/{v}"
+
+    def register(self, state: ServerState, replay_parts: list[bytes] | None, round_: int) -> None:
+        """Record the version just made (``state.theta_version``): digest, levels, and how to replay it."""
+        v = state.theta_version
+        codec = self.m._theta_codec(state.counts is not None)
+        state.extra[self._key("digest", v)] = np.frombuffer(theta_digest(state.theta), dtype=np.uint8).copy()
+        lv = levels_of(codec, state.theta, state.counts, state.counts_total)
+        if lv is not None:
+            kind, total, levels = lv
+            state.extra[self._key("levels", v)] = np.ascontiguousarray(levels)
+            state.extra[self._key("meta", v)] = np.array([LEVEL_KINDS[kind], total], dtype=np.int64)
+        if replay_parts is not None:
+            state.extra[self._key("replay", v)] = np.frombuffer(b"".join(replay_parts), dtype=np.uint8).copy()
+            state.extra[self._key("replay_meta", v)] = np.array([round_, len(replay_parts)], dtype=np.int64)
+        self._cond_cache.clear()
+        self.prune(state)
+
+    def prune(self, state: ServerState) -> None:
+        """Keep what a client may still be sent: versions some client holds, within the last ``downlink_history``."""
+        t = state.theta_version
+        oldest = t - self.history
+        held = {v for v in state.client_theta_version.values() if v >= oldest} | {t}
+        floor = min(held)
+        for key in [k for k in state.extra if k.startswith("dl/")]:
+            _, what, v = key.split("/")
+            v = int(v)
+            if what in ("replay", "replay_meta"):
+                if v <= floor:
+                    del state.extra[key]
+            elif v not in held:
+                del state.extra[key]
+
+    def digest(self, state: ServerState, v: int) -> bytes | None:
+        d = state.extra.get(self._key("digest", v))
+        return None if d is None else bytes(d)
+
+    def ensure_current(self, state: ServerState) -> None:
+        """Version 0 (and a state written before this module existed) gets registered on first use."""
+        if self._key("digest", state.theta_version) not in state.extra:
+            self.register(state, None, state.round)
+
+    # --- server: one client's theta part -----------------------------------------------------------
+    def theta_part(self, state: ServerState, client_id: int, round_: int) -> bytes:
+        if round_ != self._stats_round:
+            self.stats, self._stats_round = {}, round_
+        self.ensure_current(state)
+        t = state.theta_version
+        v = state.client_theta_version.get(client_id)
+        snap = self.m.theta_payload(state)
+        target = self.digest(state, t)
+        st: dict[str, Any] = {"snapshot_bits": 8 * len(snap)}
+        if v == t:
+            part, mode = self.codec.encode_same(self.m.n, target), "same"
+            st["snapshot_bits"] = 0  # the old downlink sent nothing to a current client
+            st["cond_entropy_bits"] = 0.0
+        else:
+            cands: dict[str, bytes] = {"snapshot": snap}
+            if v is not None and self.mode in ("auto", "cond"):
+                c = self._cond(state, v, t, target)
+                if c is not None:
+                    cands["cond"] = c
+            if v is not None and self.mode in ("auto", "replay"):
+                r = self._replay(state, v, t, target)
+                if r is not None:
+                    cands["replay"] = r
+            for k in ("cond", "replay"):  # every admissible candidate's size, for the ablation's accounting
+                if k in cands:
+                    st[f"{k}_bits"] = 8 * len(cands[k])
+            if self.mode in cands:
+                mode = self.mode
+            else:
+                mode = min(cands, key=lambda k: len(cands[k])) if self.mode == "auto" else "snapshot"
+            part = cands[mode]
+            st["cond_entropy_bits"] = self._entropy(state, v, t)
+        st.update(mode=mode, bits=8 * len(part), base=v)
+        self.stats[client_id] = st
+        state.client_theta_version[client_id] = t
+        return part
+
+    def _levels(self, state: ServerState, v: int) -> tuple[str, int, np.ndarray] | None:
+        lv, meta = state.extra.get(self._key("levels", v)), state.extra.get(self._key("meta", v))
+        if lv is None or meta is None:
+            return None
+        return _KIND_OF[int(meta[0])], int(meta[1]), lv
+
+    def _cond(self, state: ServerState, v: int, t: int, target: bytes) -> bytes | None:
+        key = (v, t)
+        if key in self._cond_cache:
+            return self._cond_cache[key]
+        old, new, base = self._levels(state, v), self._levels(state, t), self.digest(state, v)
+        out = None
+        if old is not None and new is not None and base is not None and old[0] == new[0]:
+            c = self.m._theta_codec(True)  # counts: the header carries stat, eps (float32) and prior, as a snapshot's does
+            stat, eps, prior = (c.stat, c.eps, c.prior) if isinstance(c, ProbsCountsCodec) else ("mode", 0.0, (1.0, 1.0))
+            try:
+                out = self.codec.encode_cond(new[2], old[2], new[0], new[1], old[1], stat, eps, prior, base, target)
+            except CodecError as e:  # e.g. q8 histograms past the container's params limit: a snapshot goes instead
+                log.debug("no conditional code from version %d to %d: %s", v, t, e)
+                out = None
+        self._cond_cache[key] = out  # type: ignore[assignment]
+        return out
+
+    def _replay(self, state: ServerState, v: int, t: int, target: bytes) -> bytes | None:
+        base = self.digest(state, v)
+        if base is None:
+            return None
+        rounds = []
+        for u in range(v + 1, t + 1):
+            raw, meta = state.extra.get(self._key("replay", u)), state.extra.get(self._key("replay_meta", u))
+            if raw is None or meta is None:
+                return None
+            parts = _split(bytes(raw))
+            if len(parts) != int(meta[1]):
+                return None
+            rounds.append((int(meta[0]), parts))
+        return self.codec.encode_replay(self.m.n, rounds, base, target)
+
+    def _entropy(self, state: ServerState, v: int | None, t: int) -> float | None:
+        """Empirical entropy (bits) of the new levels given what the client held (marginal if nothing)."""
+        new = self._levels(state, t)
+        if new is None:
+            return None
+        old = self._levels(state, v) if v is not None else None
+        if old is None or old[0] != new[0]:
+            return marginal_entropy_bits(new[2], new[1] + 1)
+        return conditional_entropy_bits(new[0], new[2], old[2], new[1] + 1, old[1] + 1)
+
+    # --- client ------------------------------------------------------------------------------------
+    def client_apply(self, part: bytes, cache: dict[str, Any]) -> bool:
+        """Bring the client's cached theta to the version ``part`` describes; True when it changed.
+        Raises :class:`StaleCache` when the cache is not what the server coded against."""
+        codec = codec_of(part)
+        if codec.kind == "probs":
+            lv = None
+            if isinstance(codec, ProbsCountsCodec):
+                counts, total, stat, eps, prior = codec.decode_counts(part, expect_n=self.m.n)
+                theta = theta_from_levels("counts", total, counts, stat, eps, prior)  # = codec.decode(part)
+                lv = levels_of(codec, theta, counts, total)
+            else:
+                theta = codec.decode(part, expect_n=self.m.n)
+                if isinstance(codec, ProbsQ8Codec):
+                    lv = levels_of(codec, theta, None, 255)
+            if theta.shape != (self.m.n,):
+                raise ClientFailure(f"theta payload has {theta.shape[0]} entries, this model masks {self.m.n}")
+            self._store(cache, theta, lv, theta_digest(theta))
+            return True
+        msg = self.codec.decode(part, expect_n=self.m.n)
+        held = cache.get("theta")
+        if held is None:
+            raise StaleCache("the server sent theta against a cached version, and this client holds none")
+        have = theta_digest(held)
+        if have != msg.base:
+            raise StaleCache(f"the server coded theta against version {msg.base.hex()[:12]}, this client holds {have.hex()[:12]}")
+        if msg.mode == "same":
+            return False
+        if msg.mode == "cond":
+            kind, total = cache.get("theta_levels_kind"), cache.get("theta_levels_total")
+            levels = cache.get("theta_levels")
+            if kind != msg.kind or levels is None or total is None:
+                raise StaleCache(f"the cached theta has no {msg.kind} levels to decode against")
+            try:
+                new = self.codec.cond_levels(msg, levels, int(total))
+            except CodecError as e:
+                raise StaleCache(str(e)) from None
+            theta = theta_from_levels(msg.kind, msg.total_t, new, msg.stat, msg.eps, msg.prior)
+            lv = (msg.kind, msg.total_t, new)
+        else:
+            theta, lv = self._rebuild(held, msg.rounds)
+        got = theta_digest(theta)
+        if got != msg.target:
+            raise StaleCache(f"the rebuilt theta ({got.hex()[:12]}) is not the server's ({msg.target.hex()[:12]})")
+        self._store(cache, theta, lv, got)
+        return True
+
+    def _rebuild(self, theta: np.ndarray, rounds: list[tuple[int, list[bytes]]]) -> tuple[np.ndarray, tuple[str, int, np.ndarray]]:
+        """Re-run the server's aggregation of the replayed rounds from ``theta`` (priors reset each round)."""
+        from ..server import MaskAggregator
+
+        lv: tuple[str, int, np.ndarray] | None = None
+        for rnd, parts in rounds:
+            tmp = ServerState(round=rnd - 1, theta=theta, alpha=None, beta=None, head_weight=np.zeros((1, 1), np.float32),
+                              head_bias=np.zeros(1, np.float32))
+            agg = MaskAggregator(tmp, rnd, 1, False, device=self.m.server_device())
+            for p in parts:
+                (kind, data), _ = self.m.decode_update(p, theta)
+                {"flips": agg.add_flips, "flip_mask": agg.add_flip_mask}.get(kind, agg.add)(data, 1.0)
+            counts, total = agg.counts(), agg.total
+            codec = self.m._theta_codec(True)
+            theta = codec.reconstruct(None, counts, total)
+            lv = levels_of(codec, theta, counts, total)
+        if lv is None:
+            raise StaleCache("a replay must hold at least one round of counts")
+        return theta, lv
+
+    @staticmethod
+    def _store(cache: dict[str, Any], theta: np.ndarray, lv: tuple[str, int, np.ndarray] | None, digest: bytes) -> None:
+        cache["theta"] = theta
+        cache["theta_digest"] = digest.hex()
+        if lv is None:
+            for k in ("theta_levels", "theta_levels_kind", "theta_levels_total"):
+                cache.pop(k, None)
+        else:
+            cache["theta_levels_kind"], cache["theta_levels_total"], cache["theta_levels"] = lv[0], int(lv[1]), np.asarray(lv[2])
+
+
+def _split(data: bytes) -> list[bytes]:
+    from .base import split_bundle
+
+    return split_bundle(data)
+
+
+def kl_floor_bits(theta_k: np.ndarray, theta_g: np.ndarray, chunk: int = 1 << 20) -> float:
+    """``sum_i KL(Bern(theta_k,i) || Bern(theta_g,i))`` in bits (float64, in blocks): the information any
+    scheme needs to convey a sample of theta_k to a receiver that knows theta_g (KLMS, Isik et al. 2024)."""
+    p_all = np.asarray(theta_k).ravel()
+    q_all = np.asarray(theta_g).ravel()
+    total = 0.0
+    tiny = 1e-12
+    for lo in range(0, p_all.size, chunk):
+        p = np.clip(p_all[lo : lo + chunk].astype(np.float64), tiny, 1 - tiny)
+        q = np.clip(q_all[lo : lo + chunk].astype(np.float64), tiny, 1 - tiny)
+        total += float(np.sum(p * np.log2(p / q) + (1 - p) * np.log2((1 - p) / (1 - q))))
+    return total

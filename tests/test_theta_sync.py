@@ -1,0 +1,200 @@
+"""Issue 9: theta coded against the client's cached version (snapshot / cond / replay / same), the
+digest check with its same-round snapshot fallback, the KL floor, and the schedules end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dmtest import tiny_config
+from deltamask.codecs import CodecError, get_codec
+from deltamask.codecs.delta import conditional_entropy_bits, marginal_entropy_bits, theta_digest
+from deltamask.engines.local import LocalTransport, run_local
+from deltamask.experiment import build_experiment
+from deltamask.methods.theta_sync import StaleCache, kl_floor_bits
+from deltamask.metrics import TIMING_KEYS, read_jsonl
+from deltamask.round import run_rounds
+
+MODES = ("snapshot", "cond", "replay", "auto")
+
+
+def comparable(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in TIMING_KEYS and not k.startswith("downlink")}
+
+
+class Watch(LocalTransport):
+    """The local transport, checking after every exchange that each client that replied trained from
+    exactly the server's theta, and noting how stale its cache was and which mode it got."""
+
+    def __init__(self, exp, fault=None) -> None:  # noqa: ANN001
+        super().__init__(exp, fault)
+        self.seen: list[tuple[int, int, str]] = []  # (round, staleness, mode)
+        self.held: list[int | None] = []  # the version each of those clients held
+        self.expected: dict[int, np.ndarray] = {}
+        real = exp.method.downlink
+
+        def downlink(state, cid, rnd):  # noqa: ANN001, ANN202
+            held = state.client_theta_version.get(cid)
+            out = real(state, cid, rnd)
+            st = exp.method.sync.stats[cid]
+            self.seen.append((rnd, -1 if held is None else state.theta_version - held, st["mode"]))
+            self.held.append(held)
+            self.expected[cid] = state.theta.copy()
+            return out
+
+        exp.method.downlink = downlink
+
+    def exchange(self, round_, downlinks):  # noqa: ANN001, ANN201
+        ex = super().exchange(round_, downlinks)
+        for cid in ex.replies:
+            np.testing.assert_array_equal(self.states[cid]["theta"], self.expected[cid])
+        return ex
+
+
+def _run(tmp_path, name: str, fault=None, **over):  # noqa: ANN001, ANN003
+    cfg = tiny_config(**{"rounds": 9, "num_clients": 5, "clients_per_round": 2, **over})
+    exp = build_experiment(cfg)
+    t = Watch(exp, fault)
+    s = run_rounds(exp, t, tmp_path / name)
+    return s, t, read_jsonl(tmp_path / name / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory) -> list[dict]:
+    return _run(tmp_path_factory.mktemp("ref"), "ref", downlink="snapshot")[2]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_downlink_mode_rebuilds_the_servers_theta_for_any_staleness(tmp_path, mode: str, snapshot_run) -> None:
+    s, t, recs = _run(tmp_path, mode, downlink=mode)
+    ref = snapshot_run
+    assert [comparable(r) for r in recs] == [comparable(r) for r in ref]  # same training, only the bytes differ
+    stale = {k for _, k, m in t.seen if k >= 0}
+    assert {0, 1} <= stale and max(stale) >= 4 and len(stale) >= 4, t.seen  # current, and 1..R rounds behind
+    used = {m for _, k, m in t.seen}
+    if mode in ("cond", "replay"):
+        # every client holding a version of counts (>= 1; version 0 is theta0's q8 levels) gets that mode
+        got = [m for (_, k, m), v in zip(t.seen, t.held) if k > 0 and v]
+        assert got and all(m == mode for m in got), t.seen
+    assert [m for _, k, m in t.seen if k == -1] == ["snapshot"] * sum(k == -1 for _, k, m in t.seen)
+    assert all(m == "same" for _, k, m in t.seen if k == 0)
+    bits = [r["downlink_bits"] for r in recs]
+    if mode == "auto":  # never more than the snapshot-only downlink, and less once clients hold something
+        assert all(r["downlink_theta_bpp"] <= r["downlink_snapshot_bpp"] + 1e-12 or r["downlink_modes"].get("same") for r in recs)
+        assert sum(bits) < sum(r["downlink_bits"] for r in ref)
+
+
+def test_snapshot_mode_is_the_old_downlink_plus_a_digest(tmp_path) -> None:
+    """A current client gets 'same' (the old downlink sent nothing): 40 container bytes + 34 params."""
+    _, t, recs = _run(tmp_path, "s", downlink="snapshot")
+    same = get_codec("theta-delta").encode_same(10, b"\0" * 16)
+    assert len(same) == 40 + 34
+    assert any(m == "same" for _, _, m in t.seen)
+
+
+def test_a_damaged_cache_is_caught_and_resent_a_snapshot_in_the_same_round(tmp_path, caplog) -> None:
+    """A client whose cached theta changed behind the server's back raises StaleCache; the driver re-sends
+    it a snapshot in the same round, so the run ends exactly as an undamaged one (both sends counted)."""
+    holder: dict = {}
+
+    def fault(rnd, cid):  # noqa: ANN001, ANN202
+        st = holder["t"].states.get(cid)
+        if rnd in (5, 7) and st is not None and "theta" in st:
+            th = st["theta"].copy()
+            th[0] = 0.5 if th[0] != 0.5 else 0.25
+            st["theta"] = th
+        return None
+
+    cfg = tiny_config(rounds=9, num_clients=5, clients_per_round=2, downlink="auto")
+    exp = build_experiment(cfg)
+    holder["t"] = t = Watch(exp, fault)
+    run_rounds(exp, t, tmp_path / "hurt")
+    _, _, ref = _run(tmp_path, "ref", downlink="auto")
+    hurt = read_jsonl(tmp_path / "hurt" / "metrics.jsonl")
+    assert [comparable(r) | {"stale_resent": None} for r in hurt] == [comparable(r) | {"stale_resent": None} for r in ref]
+    resent = [r for r in hurt if r.get("stale_resent")]
+    assert resent and all(r["failures"] == [] for r in resent)
+    for r in resent:  # the second send is counted
+        twin = ref[r["round"] - 1]
+        assert r["downlink_bits"] > twin["downlink_bits"]
+    assert "stale theta cache" in caplog.text
+
+
+def test_client_refuses_a_message_for_another_version_or_a_wrong_result(tmp_path) -> None:
+    exp = build_experiment(tiny_config(rounds=4))
+    m = exp.method
+    state = m.init_state()
+    cache: dict = {}
+    snap = m.sync.theta_part(state, 0, 1)
+    assert m.sync.client_apply(snap, cache) and theta_digest(cache["theta"]) == theta_digest(state.theta)
+    codec = get_codec("theta-delta")
+    assert not m.sync.client_apply(codec.encode_same(m.n, theta_digest(state.theta)), cache)
+    with pytest.raises(StaleCache, match="holds"):
+        m.sync.client_apply(codec.encode_same(m.n, b"x" * 16), cache)
+    with pytest.raises(StaleCache, match="holds none"):
+        m.sync.client_apply(codec.encode_same(m.n, theta_digest(state.theta)), {})
+    # a cond message whose promised result is not what the levels give
+    lv = cache["theta_levels"]
+    bad = codec.encode_cond(lv, lv, "q8", 255, 255, "mode", 0.01, (1.0, 1.0), theta_digest(state.theta), b"y" * 16)
+    with pytest.raises(StaleCache, match="rebuilt theta"):
+        m.sync.client_apply(bad, cache)
+
+
+@pytest.mark.parametrize("kind", ["counts", "q8"])
+def test_cond_code_round_trips_and_approaches_the_conditional_entropy(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    n = 200_000
+    codec = get_codec("theta-delta")
+    if kind == "counts":
+        old = rng.binomial(5, 0.97, n)
+        flip = rng.random(n) < 0.03
+        new = np.where(flip, rng.binomial(7, 0.5, n), np.minimum(old + (old == 5) * 2, 7))
+        tt, tv = 7, 5
+    else:
+        old = rng.integers(0, 256, n)
+        new = np.clip(old + rng.choice([-1, 0, 0, 0, 0, 1], n), 0, 255)
+        tt = tv = 255
+    data = codec.encode_cond(new, old, kind, tt, tv, "mode", 0.01, (1.0, 1.0), b"a" * 16, b"b" * 16)
+    msg = codec.decode(data, expect_n=n)
+    np.testing.assert_array_equal(codec.cond_levels(msg, old, tv), new)
+    h = conditional_entropy_bits(kind, new, old, tt + 1, tv + 1)
+    # an independent count of H(new | context): the joint histogram by a Python loop over pairs
+    ctx = old if kind == "counts" else old >> 3
+    sym = new if kind == "counts" else (new - old) % 256
+    pairs: dict = {}
+    for c, s in zip(ctx.tolist(), sym.tolist()):
+        pairs[(c, s)] = pairs.get((c, s), 0) + 1
+    rows: dict = {}
+    for (c, _), k in pairs.items():
+        rows[c] = rows.get(c, 0) + k
+    ref = -sum(k * math.log2(k / rows[c]) for (c, _), k in pairs.items())
+    assert h == pytest.approx(ref, rel=1e-9)
+    assert 8 * len(data) <= h * 1.02 + 8 * 2000  # ANS within 2% plus the params
+    assert h < marginal_entropy_bits(new, tt + 1 if kind == "counts" else 256)
+    with pytest.raises(CodecError):
+        codec.cond_levels(msg, old[:-1], tv)
+    with pytest.raises(CodecError):
+        codec.cond_levels(msg, np.roll(old, 1) if kind == "counts" else old, tv - 1 if kind == "counts" else 254)
+
+
+def test_kl_floor_matches_a_direct_computation() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0.001, 0.999, 3001).astype(np.float32)
+    q = np.clip(p + rng.normal(0, 0.05, p.size), 0.01, 0.99).astype(np.float32)
+    ref = sum(float(a) * math.log2(float(a) / float(b)) + (1 - float(a)) * math.log2((1 - float(a)) / (1 - float(b)))
+              for a, b in zip(p, q))
+    assert kl_floor_bits(p, q, chunk=1000) == pytest.approx(ref, rel=1e-9)
+    assert kl_floor_bits(q, q) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_kl_floor_is_recorded_beside_the_bound(tmp_path) -> None:
+    run_local(tiny_config(rounds=3), tmp_path)
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    mask = [r for r in recs if r["phase"] == "mask"]
+    for r in mask:
+        kl = [c["kl_floor_bits"] for c in r["clients"]]
+        assert r["uplink_kl_floor_bpp"] == pytest.approx(np.mean(kl) / (r["uplink_bits"] / r["num_replies"] / r["uplink_bpp"]))
+        assert 0 < r["uplink_kl_floor_bpp"] < r["uplink_bpp"]
+        assert r["downlink_cond_entropy_bpp"] is not None
