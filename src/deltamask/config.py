@@ -81,7 +81,7 @@ class Config:
     head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
     train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
     # --- DeltaMask ---
-    kappa: float = _f(0.3, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first")
+    kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)")
     kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
     kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
     # --- codecs ---
@@ -89,7 +89,7 @@ class Config:
     downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32")
     downlink: str = _f("auto", "theta to a client that holds an older version: auto (smallest of snapshot, cond, replay), snapshot (theta alone), cond (levels coded against the client's cached levels), replay (the uplinks it missed)", ("auto", "snapshot", "cond", "replay"))
     downlink_history: int = _f(8, "theta versions the server keeps to code against (a client holding an older one gets a snapshot)")
-    head_codec: str = _f("f32", "codec of the dense head", ("f32", "f16"))
+    head_codec: str = _f("f16", "codec of the dense head (f32 before issue 9; benchmarks/RESULTS.md)", ("f32", "f16"))
     # --- output ---
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")
     eval_sampled: bool = _f(True, "also report accuracy with one sampled mask")
