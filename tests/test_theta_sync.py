@@ -198,3 +198,23 @@ def test_the_kl_floor_is_recorded_beside_the_bound(tmp_path) -> None:
         assert r["uplink_kl_floor_bpp"] == pytest.approx(np.mean(kl) / (r["uplink_bits"] / r["num_replies"] / r["uplink_bpp"]))
         assert 0 < r["uplink_kl_floor_bpp"] < r["uplink_bpp"]
         assert r["downlink_cond_entropy_bpp"] is not None
+
+
+@pytest.mark.parametrize("mode", ["cond", "replay"])
+def test_resume_ends_as_uninterrupted_for_every_mode(tmp_path, mode: str) -> None:
+    """The downlink history lives in the run state and the client caches (levels, digest) in the local
+    engine's: a run stopped after round 4 and resumed is the uninterrupted run, byte for byte."""
+    from safetensors.numpy import load_file
+
+    cfg = tiny_config(rounds=8, num_clients=5, clients_per_round=2, downlink=mode)
+    run_local(cfg, tmp_path / "full")
+    assert run_local(cfg, tmp_path / "cut", stop_after=4) == {"stopped_after": 4}
+    run_local(cfg, tmp_path / "cut", resume=True)
+    full = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    cut = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")]
+    assert full == cut
+    assert any(r.get("downlink_modes", {}).get(mode) for r in cut[4:])  # the mode was used after the resume
+    a, b = load_file(str(tmp_path / "full" / "state.safetensors")), load_file(str(tmp_path / "cut" / "state.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("extra/dl/") for k in a)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -157,3 +157,61 @@ def test_flower_resume_ends_as_uninterrupted(tmp_path) -> None:
     for k in [k for k in sb if k.startswith("server/")]:
         np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["status"] == "completed"
+
+
+def _same_extra(flower_dir, local_dir) -> None:  # noqa: ANN001
+    """The server's downlink history (theta versions, levels, replayable payloads) is identical too."""
+    from safetensors.numpy import load_file
+
+    sa, sb = load_file(str(flower_dir / "state.safetensors")), load_file(str(local_dir / "state.safetensors"))
+    keys = {k for k in sb if k.startswith("extra/dl/")}
+    assert keys and keys == {k for k in sa if k.startswith("extra/dl/")}
+    for k in keys:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("mode", ["cond", "replay", "auto"])
+def test_parity_with_local_engine_for_every_downlink_mode(tmp_path, mode: str) -> None:
+    """Theta coded against each node's cached version (issue 9): bit-identical to the local engine, and the
+    mode is really used (one client per round, so caches fall 1..R rounds behind)."""
+    defaults = {**TINY, "rounds": 6, "clients-per-round": 1, "downlink": mode, "out-dir": str(tmp_path / "flower")}
+    run_server(LoopbackGrid(make_client_app(defaults), 3), {}, defaults)
+    run_local(tiny_config(rounds=6, clients_per_round=1, downlink=mode), tmp_path / "local")
+    assert_same_run(tmp_path / "flower", tmp_path / "local")
+    _same_extra(tmp_path / "flower", tmp_path / "local")
+    recs = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
+    used = set().union(*(r.get("downlink_modes", {}).keys() for r in recs))
+    assert (mode in used) if mode != "auto" else bool(used - {"snapshot", "same"}), used
+
+
+def test_a_node_whose_cache_went_stale_gets_a_snapshot_in_the_same_round(tmp_path, caplog) -> None:
+    """A node's stored theta changed behind the server's back (as when a late ClientApp of an earlier round
+    wrote its state last): the ClientApp refuses the digest, the server re-sends a snapshot in the same
+    round, and the run ends exactly as the local engine's."""
+    from deltamask.engines.flower.records import load_client_state, save_client_state
+
+    caplog.set_level(logging.WARNING, logger="deltamask")
+    holder: dict = {}
+
+    def fault(rnd, pid):  # noqa: ANN001, ANN202
+        ctx = holder["grid"].contexts[1000 + pid]
+        cache = load_client_state(ctx.state)
+        if rnd in (3, 4) and "theta" in cache:  # a client that gets a snapshot overwrites it; the others must catch it
+            th = cache["theta"].copy()
+            th[0] = 0.5 if th[0] != 0.5 else 0.25
+            cache["theta"] = th
+            save_client_state(ctx.state, cache)
+            holder["done"] = True
+        return None
+
+    # downlink=cond: a client holding a version of counts gets the conditional code (at this tiny N a
+    # snapshot is often smaller, and a snapshot would simply overwrite the damage)
+    defaults = {**TINY, "rounds": 5, "clients-per-round": 2, "downlink": "cond", "out-dir": str(tmp_path / "flower")}
+    holder["grid"] = grid = LoopbackGrid(make_client_app(defaults, fault=fault), 3)
+    run_server(grid, {}, defaults)
+    run_local(tiny_config(rounds=5, clients_per_round=2, downlink="cond"), tmp_path / "local")
+    a, b = read_jsonl(tmp_path / "flower" / "metrics.jsonl"), read_jsonl(tmp_path / "local" / "metrics.jsonl")
+    strip = lambda r: {k: v for k, v in comparable(r).items() if not k.startswith("downlink") and k != "stale_resent"}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert holder.get("done") and any(r.get("stale_resent") for r in a)
+    assert "stale theta cache" in caplog.text
