@@ -218,3 +218,18 @@ def test_resume_ends_as_uninterrupted_for_every_mode(tmp_path, mode: str) -> Non
     assert a.keys() == b.keys() and any(k.startswith("extra/dl/") for k in a)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_codec_cli_inspects_a_theta_delta_and_refuses_to_decode_it_alone(tmp_path, capsys) -> None:
+    from deltamask.cli_codec import main
+
+    p = tmp_path / "td.bin"
+    rng = np.random.default_rng(2)
+    old = rng.binomial(5, 0.9, 500)
+    p.write_bytes(get_codec("theta-delta").encode_cond(old, old, "counts", 5, 5, "mode", 0.01, (1.0, 1.0), b"a" * 16, b"b" * 16))
+    assert main(["codec", "inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert '"mode": "cond"' in out and "61" * 16 in out  # base digest, hex of b"a"
+    assert main(["codec", "decode", str(p), "-o", str(tmp_path / "x.npy")]) == 2
+    assert "only that client can decode it" in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists()

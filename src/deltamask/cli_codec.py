@@ -100,6 +100,12 @@ def _decode(args: argparse.Namespace) -> int:
     n = unpack(data).n
     if n > args.max_n:
         raise CodecError(f"header claims n={n}, above --max-n {args.max_n}; raise --max-n if you trust this payload")
+    if codec.kind == "delta":
+        msg = codec.decode(data, expect_n=args.expect_n)  # checks the structure
+        print(f"deltamask codec decode: a {codec.name} payload ({msg.mode}) holds theta relative to a cached version "
+              f"({msg.base.hex()[:12]}); only that client can decode it. `deltamask codec inspect` shows its fields",
+              file=sys.stderr)
+        return 2
     if codec.kind == "mask":
         probs = _load_npy(args.probs) if args.probs else None
         out = codec.decode(data, probs, expect_n=args.expect_n)
@@ -120,6 +126,14 @@ def inspect_payload(data: bytes, png_path: Path | None = None) -> dict[str, Any]
     info["description"] = codec.description
     info["lossy"] = bool(codec.lossy)
     n, k = info["n"], info["count"]
+    if codec.kind == "delta":
+        msg = codec.decode(data)
+        info.update(mode=msg.mode, level_kind=msg.kind, base_digest=msg.base.hex(), target_digest=msg.target.hex())
+        if msg.mode == "cond":
+            info.update(groups=len(msg.groups), total_new=msg.total_t, total_cached=msg.total_v)
+        elif msg.mode == "replay":
+            info.update(rounds=[r for r, _ in msg.rounds], payloads=sum(len(p) for _, p in msg.rounds))
+        return info
     if codec.kind == "indices":
         bound = log2_binomial(n, k) if k <= n else float("nan")
         info["bits_per_key"] = info["total_bits"] / k if k else None
