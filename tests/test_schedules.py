@@ -118,3 +118,22 @@ def test_kappa_schedule_end_to_end(tmp_path, schedule: str) -> None:
             assert metrics["kappa"] == pytest.approx(want)
             # the client kept ceil(kappa * |delta|) of its delta
             assert metrics["num_keys"] == math.ceil(want * metrics["delta_size"])
+
+
+def test_kappa_rank_logit_keeps_the_largest_logit_moves(tmp_path) -> None:
+    """kappa_rank=logit: the kept indices are exactly the top ceil(kappa |delta|) by |logit change|, against a
+    direct re-ranking of the client's own theta_k (read back from its training), and differ from 'change'."""
+    from deltamask.methods.masks import rank_scores
+
+    rng = np.random.default_rng(4)
+    tk = rng.uniform(0.0, 1.0, 2000).astype(np.float32)
+    tg = np.clip(tk + rng.normal(0, 0.1, tk.size), 0.01, 0.99).astype(np.float32)
+    lg = lambda p: math.log(min(max(p, 0.01), 0.99) / (1 - min(max(p, 0.01), 0.99)))  # noqa: E731
+    want = [abs(lg(float(a)) - lg(float(b))) for a, b in zip(tk, tg)]
+    np.testing.assert_allclose(rank_scores(tk, tg, "logit", 0.01), want, rtol=1e-9)
+    np.testing.assert_array_equal(rank_scores(tk, tg, "change", 0.01), np.abs(tk - tg))
+    a = _recorded_run(tmp_path / "c", kappa=0.3, rounds=3)[2]
+    b = _recorded_run(tmp_path / "l", kappa=0.3, rounds=3, kappa_rank="logit")[2]
+    pa = [p for r in a[1:] if r.get("phase") == "mask" for p, _, _ in r["replies"]]
+    pb = [p for r in b[1:] if r.get("phase") == "mask" for p, _, _ in r["replies"]]
+    assert pa[0] != pb[0]  # the same clients and masks, other indices kept

@@ -83,6 +83,7 @@ class Config:
     # --- DeltaMask ---
     kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)")
     kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
+    kappa_rank: str = _f("change", "how the delta is ranked for top-kappa: change = |theta_k - theta_g| (the paper), logit = |logit theta_k - logit theta_g| (moves near 0 and 1 count more)", ("change", "logit"))
     kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
     # --- codecs ---
     codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")

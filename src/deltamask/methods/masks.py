@@ -404,6 +404,16 @@ def _bernoulli_bits(m: np.ndarray, p: np.ndarray) -> np.ndarray:
     return -np.where(m, np.log2(p), np.log2(1 - p))
 
 
+def rank_scores(theta_k: np.ndarray, theta_g: np.ndarray, how: str, eps: float) -> np.ndarray:
+    """What top-kappa ranks the delta by (largest first): the probability change, or the change of the
+    logits (clipped to [eps, 1 - eps], as the scores are), which weighs moves near 0 and 1 more."""
+    if how == "change":
+        return np.abs(theta_k - theta_g)
+    k = np.clip(theta_k.astype(np.float64), eps, 1 - eps)
+    g = np.clip(theta_g.astype(np.float64), eps, 1 - eps)
+    return np.abs(np.log(k / (1 - k)) - np.log(g / (1 - g)))
+
+
 class DeltaMask(MaskMethod):
     name = "deltamask"
     description = "DeltaMask (Tsouvalas et al., BigData 2024): top-kappa mask deltas as a sparse index set"
@@ -420,7 +430,7 @@ class DeltaMask(MaskMethod):
         delta = np.flatnonzero(m_k != ref)
         kappa = kappa_at(self.cfg, ctx.round - self.cfg.head_warmup_rounds, self.mask_rounds())
         keep = int(math.ceil(kappa * delta.size))
-        change = np.abs(theta_k[delta] - theta_g[delta])
+        change = rank_scores(theta_k[delta], theta_g[delta], self.cfg.kappa_rank, self.cfg.eps)
         order = np.argsort(-change, kind="stable")[:keep]
         kept = np.sort(delta[order])
         seed = seeding.derive_seed(ctx.seed, ctx.round, ctx.client_id, "filter-seed")
