@@ -233,3 +233,9 @@ def test_codec_cli_inspects_a_theta_delta_and_refuses_to_decode_it_alone(tmp_pat
     assert main(["codec", "decode", str(p), "-o", str(tmp_path / "x.npy")]) == 2
     assert "only that client can decode it" in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_fedpm_replays_its_masks_too(tmp_path) -> None:
+    """FedPM sends whole masks; a replay re-aggregates them on the client to the server's theta."""
+    _, t, recs = _run(tmp_path, "fedpm", method="fedpm", downlink="replay", rounds=6)
+    assert any(m == "replay" for _, _, m in t.seen)  # and Watch checked every client's theta

@@ -86,7 +86,7 @@ class ThetaSync:
         self.mode = self.cfg.downlink
         self.history = self.cfg.downlink_history
         self.codec: ThetaDeltaCodec = get_codec("theta-delta")  # type: ignore[assignment]
-        self._cond_cache: dict[tuple[int, int], bytes] = {}
+        self._cond_cache: dict[tuple, Any] = {}  # per (held version, new version): cond payloads, entropies
         #: per client, this round's downlink statistics (read by the method's record_fields)
         self.stats: dict[int, dict[str, Any]] = {}
         self._stats_round = -1
@@ -213,7 +213,14 @@ class ThetaSync:
         return self.codec.encode_replay(self.m.n, rounds, base, target)
 
     def _entropy(self, state: ServerState, v: int | None, t: int) -> float | None:
-        """Empirical entropy (bits) of the new levels given what the client held (marginal if nothing)."""
+        """Empirical entropy (bits) of the new levels given what the client held (marginal if nothing);
+        one O(N) pass per (held, new) pair, shared by the clients that hold the same version."""
+        key = ("H", v, t)
+        if key not in self._cond_cache:
+            self._cond_cache[key] = self._entropy_uncached(state, v, t)  # type: ignore[assignment]
+        return self._cond_cache[key]  # type: ignore[return-value]
+
+    def _entropy_uncached(self, state: ServerState, v: int | None, t: int) -> float | None:
         new = self._levels(state, t)
         if new is None:
             return None
