@@ -132,7 +132,7 @@ def markdown(rows: list[dict]) -> str:
             "total old | total auto |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        f = lambda k, d=4: f"{r[k]:.{d}f}" if r.get(k) is not None else "-"  # noqa: E731
+        f = lambda k, d=4: f"{r[k]:.{d}f}" if r.get(k) is not None else "-"
         lines.append(f"| {r['name']} | {r['seeds']} | {r['final_accuracy']:.3f} ± {r['final_accuracy_std']:.3f} | {f('uplink_bpp')} | "
                      f"{f('kl_floor_bpp', 5)} | {f('downlink_bpp_old')} | {f('downlink_bpp_snapshot')} | {f('downlink_bpp_cond')} | "
                      f"{f('downlink_bpp_replay')} | {f('downlink_bpp_auto')} | {f('total_bpp_old')} | "

@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 import pytest
-
 from dmtest import tiny_config
+
 from deltamask.codecs import codec_of
 from deltamask.engines.local import LocalTransport
 from deltamask.experiment import build_experiment
@@ -20,13 +20,13 @@ from deltamask.round import run_rounds
 Q8 = 1 / 510 + 1e-6  # theta goes down as 8-bit levels whenever it is not a function of one round's counts
 
 
-def _recorded_run(tmp_path, **over):  # noqa: ANN001, ANN003
+def _recorded_run(tmp_path, **over):
     cfg = tiny_config(**{"rounds": 6, "num_clients": 4, "clients_per_round": 3, **over})
     exp = build_experiment(cfg)
     rounds: list[dict] = []
     real = exp.method.aggregate
 
-    def aggregate(state, replies, rnd):  # noqa: ANN001, ANN202
+    def aggregate(state, replies, rnd):
         before = state.theta.copy()
         info = real(state, replies, rnd)
         rounds.append({"round": rnd, "phase": info.phase, "before": before, "after": state.theta.copy(),
@@ -49,7 +49,7 @@ def _client_mask(payload: bytes, theta_g: np.ndarray, n: int) -> np.ndarray:
     return (theta_g >= 0.5) ^ flips
 
 
-def _reference(cfg, rounds):  # noqa: ANN001, ANN202
+def _reference(cfg, rounds):
     """theta after each mask round, recomputed densely from the recorded payloads (no server code)."""
     alpha = beta = None
     out = []
@@ -79,7 +79,7 @@ def _reference(cfg, rounds):  # noqa: ANN001, ANN202
     {"eps": 0.05, "theta0": 0.9},
     {"reset_every": 0, "posterior": "mean", "weighted": True},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-def test_schedule_matches_a_dense_recomputation(tmp_path, over) -> None:  # noqa: ANN001
+def test_schedule_matches_a_dense_recomputation(tmp_path, over) -> None:
     cfg, exp, rounds = _recorded_run(tmp_path, **over)
     init = rounds[0]["init"]
     assert np.abs(init - cfg.theta0).max() <= Q8  # theta0 as the clients decode it
@@ -128,7 +128,7 @@ def test_kappa_rank_logit_keeps_the_largest_logit_moves(tmp_path) -> None:
     rng = np.random.default_rng(4)
     tk = rng.uniform(0.0, 1.0, 2000).astype(np.float32)
     tg = np.clip(tk + rng.normal(0, 0.1, tk.size), 0.01, 0.99).astype(np.float32)
-    lg = lambda p: math.log(min(max(p, 0.01), 0.99) / (1 - min(max(p, 0.01), 0.99)))  # noqa: E731
+    lg = lambda p: math.log(min(max(p, 0.01), 0.99) / (1 - min(max(p, 0.01), 0.99)))
     want = [abs(lg(float(a)) - lg(float(b))) for a, b in zip(tk, tg)]
     np.testing.assert_allclose(rank_scores(tk, tg, "logit", 0.01), want, rtol=1e-9)
     np.testing.assert_array_equal(rank_scores(tk, tg, "change", 0.01), np.abs(tk - tg))

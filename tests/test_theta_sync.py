@@ -7,10 +7,14 @@ import math
 
 import numpy as np
 import pytest
-
 from dmtest import tiny_config
+
 from deltamask.codecs import CodecError, get_codec
-from deltamask.codecs.delta import conditional_entropy_bits, marginal_entropy_bits, theta_digest
+from deltamask.codecs.delta import (
+    conditional_entropy_bits,
+    marginal_entropy_bits,
+    theta_digest,
+)
 from deltamask.engines.local import LocalTransport, run_local
 from deltamask.experiment import build_experiment
 from deltamask.methods.theta_sync import StaleCache, kl_floor_bits
@@ -28,14 +32,14 @@ class Watch(LocalTransport):
     """The local transport, checking after every exchange that each client that replied trained from
     exactly the server's theta, and noting how stale its cache was and which mode it got."""
 
-    def __init__(self, exp, fault=None) -> None:  # noqa: ANN001
+    def __init__(self, exp, fault=None) -> None:
         super().__init__(exp, fault)
         self.seen: list[tuple[int, int, str]] = []  # (round, staleness, mode)
         self.held: list[int | None] = []  # the version each of those clients held
         self.expected: dict[int, np.ndarray] = {}
         real = exp.method.downlink
 
-        def downlink(state, cid, rnd):  # noqa: ANN001, ANN202
+        def downlink(state, cid, rnd):
             held = state.client_theta_version.get(cid)
             out = real(state, cid, rnd)
             st = exp.method.sync.stats[cid]
@@ -46,14 +50,14 @@ class Watch(LocalTransport):
 
         exp.method.downlink = downlink
 
-    def exchange(self, round_, downlinks):  # noqa: ANN001, ANN201
+    def exchange(self, round_, downlinks):
         ex = super().exchange(round_, downlinks)
         for cid in ex.replies:
             np.testing.assert_array_equal(self.states[cid]["theta"], self.expected[cid])
         return ex
 
 
-def _run(tmp_path, name: str, fault=None, **over):  # noqa: ANN001, ANN003
+def _run(tmp_path, name: str, fault=None, **over):
     cfg = tiny_config(**{"rounds": 9, "num_clients": 5, "clients_per_round": 2, **over})
     exp = build_experiment(cfg)
     t = Watch(exp, fault)
@@ -68,12 +72,11 @@ def snapshot_run(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_downlink_mode_rebuilds_the_servers_theta_for_any_staleness(tmp_path, mode: str, snapshot_run) -> None:
-    s, t, recs = _run(tmp_path, mode, downlink=mode)
+    _, t, recs = _run(tmp_path, mode, downlink=mode)
     ref = snapshot_run
     assert [comparable(r) for r in recs] == [comparable(r) for r in ref]  # same training, only the bytes differ
     stale = {k for _, k, m in t.seen if k >= 0}
     assert {0, 1} <= stale and max(stale) >= 4 and len(stale) >= 4, t.seen  # current, and 1..R rounds behind
-    used = {m for _, k, m in t.seen}
     if mode in ("cond", "replay"):
         # every client holding a version of counts (>= 1; version 0 is theta0's q8 levels) gets that mode
         got = [m for (_, k, m), v in zip(t.seen, t.held) if k > 0 and v]
@@ -99,13 +102,12 @@ def test_a_damaged_cache_is_caught_and_resent_a_snapshot_in_the_same_round(tmp_p
     it a snapshot in the same round, so the run ends exactly as an undamaged one (both sends counted)."""
     holder: dict = {}
 
-    def fault(rnd, cid):  # noqa: ANN001, ANN202
+    def fault(rnd, cid):
         st = holder["t"].states.get(cid)
         if rnd in (5, 7) and st is not None and "theta" in st:
             th = st["theta"].copy()
             th[0] = 0.5 if th[0] != 0.5 else 0.25
             st["theta"] = th
-        return None
 
     cfg = tiny_config(rounds=9, num_clients=5, clients_per_round=2, downlink="auto")
     exp = build_experiment(cfg)
@@ -237,5 +239,5 @@ def test_codec_cli_inspects_a_theta_delta_and_refuses_to_decode_it_alone(tmp_pat
 
 def test_fedpm_replays_its_masks_too(tmp_path) -> None:
     """FedPM sends whole masks; a replay re-aggregates them on the client to the server's theta."""
-    _, t, recs = _run(tmp_path, "fedpm", method="fedpm", downlink="replay", rounds=6)
+    _, t, _ = _run(tmp_path, "fedpm", method="fedpm", downlink="replay", rounds=6)
     assert any(m == "replay" for _, _, m in t.seen)  # and Watch checked every client's theta

@@ -31,13 +31,13 @@ import torch
 from . import seeding
 from .client import evaluate
 from .config import Config, ConfigError, build_config, from_sources, parse_sets
-from .transport import Exchange, Transport
 from .errors import RunFailed
 from .experiment import Experiment
 from .methods import Aggregation, Failure, Reply
 from .metrics import append_jsonl, read_jsonl, summarize, truncate_metrics, write_json
 from .server import ServerState
 from .state import STATE_FILE, StateError, load_state, save_state
+from .transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
 

@@ -278,7 +278,7 @@ class ThetaDeltaCodec(Codec):
         if msg.mode != "cond" or v.size != msg.n or total_v != msg.total_v:
             raise CodecError(f"theta-delta: the cached levels ({v.size} out of {total_v}) are not what the message was coded "
                              f"against ({msg.n} out of {msg.total_v})")
-        ctx, _, a_ctx, a_sym = contexts_and_symbols(msg.kind, None, v)
+        ctx, _, a_ctx, _ = contexts_and_symbols(msg.kind, None, v)
         a_ctx = a_ctx or msg.total_v + 1
         if v.size and (v.min() < 0 or v.max() > total_v):
             raise CodecError("theta-delta: cached levels outside their alphabet")
@@ -305,4 +305,4 @@ def _digest(d: bytes) -> bytes:
     return bytes(d)
 
 
-__all__ = ["DeltaMessage", "MAX_N", "ThetaDeltaCodec", "conditional_entropy_bits", "marginal_entropy_bits", "theta_digest"]
+__all__ = ["MAX_N", "DeltaMessage", "ThetaDeltaCodec", "conditional_entropy_bits", "marginal_entropy_bits", "theta_digest"]

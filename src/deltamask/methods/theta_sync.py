@@ -34,8 +34,20 @@ from typing import Any
 import numpy as np
 
 from ..codecs import CodecError, codec_of, get_codec
-from ..codecs.delta import LEVEL_KINDS, ThetaDeltaCodec, conditional_entropy_bits, marginal_entropy_bits, theta_digest
-from ..codecs.dense import ProbsCountsCodec, ProbsQ8Codec, _quantize8, counts_table, lookup
+from ..codecs.delta import (
+    LEVEL_KINDS,
+    ThetaDeltaCodec,
+    conditional_entropy_bits,
+    marginal_entropy_bits,
+    theta_digest,
+)
+from ..codecs.dense import (
+    ProbsCountsCodec,
+    ProbsQ8Codec,
+    _quantize8,
+    counts_table,
+    lookup,
+)
 from ..server import ServerState
 from .base import ClientFailure
 
