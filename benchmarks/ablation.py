@@ -45,6 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "eps.001+kappa.1+head-f16": ["eps=0.001", "kappa=0.1", "head_codec=f16"],
     "paper": ["@configs/paper.toml"],
     "linear-probe": ["method=linear-probe"],
+    "linear-probe-f32": ["method=linear-probe", "head_codec=f32"],
     "kappa-rank-logit": ["kappa_rank=logit"],  # on top of the new defaults
 }
 SAME_BITS = 8 * 74  # a theta-delta 'same' message: 40 container bytes + 34 of params
