@@ -241,3 +241,15 @@ def test_fedpm_replays_its_masks_too(tmp_path) -> None:
     """FedPM sends whole masks; a replay re-aggregates them on the client to the server's theta."""
     _, t, _ = _run(tmp_path, "fedpm", method="fedpm", downlink="replay", rounds=6)
     assert any(m == "replay" for _, _, m in t.seen)  # and Watch checked every client's theta
+
+
+def test_downlink_history_bounds_what_the_server_keeps(tmp_path) -> None:
+    """downlink_history=1: only the previous version is kept to code against; a client further behind gets a
+    snapshot, and the state holds levels of at most two versions."""
+    from safetensors.numpy import load_file
+
+    _, t, _ = _run(tmp_path, "h1", downlink="auto", downlink_history=1)
+    assert all(m == "snapshot" for (_, k, m), v in zip(t.seen, t.held) if k >= 2), t.seen
+    assert any(m == "cond" for (_, k, m) in t.seen if k == 1)
+    st = load_file(str(tmp_path / "h1" / "state.safetensors"))
+    assert len([k for k in st if k.startswith("extra/dl/levels/")]) <= 2
