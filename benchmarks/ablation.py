@@ -47,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "linear-probe": ["method=linear-probe"],
     "linear-probe-f32": ["method=linear-probe", "head_codec=f32"],
     "kappa-rank-logit": ["kappa_rank=logit"],  # on top of the new defaults
+    "kappa.1-f32": ["kappa=0.1", "head_codec=f32"],
 }
 SAME_BITS = 8 * 74  # a theta-delta 'same' message: 40 container bytes + 34 of params
 POLICIES = ("old", "snapshot", "cond", "replay", "auto")

@@ -154,3 +154,7 @@ def test_a_run_saved_before_a_config_key_existed_is_still_the_same_run(tmp_path)
     assert _same_config(saved, cfg)
     assert not _same_config(saved, tiny_config(rounds=2, cache_dtype="float16"))
     assert not _same_config({**saved, "rounds": 3}, cfg)
+    # a run from before the downlink key sent snapshots: it is not a run of the new default downlink=auto
+    del saved["downlink"]
+    assert not _same_config(saved, cfg)
+    assert _same_config(saved, tiny_config(rounds=2, downlink="snapshot"))
