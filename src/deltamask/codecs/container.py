@@ -127,6 +127,22 @@ def unpack(data: bytes | bytearray | memoryview, expect_codec_id: int | None = N
     )
 
 
+def split_containers(data: bytes, what: str = "bundle") -> list[bytes]:
+    """Split back-to-back containers (each self-delimiting by its header's lengths); a truncated run
+    raises CodecError naming ``what``. The containers themselves are verified by whoever unpacks them."""
+    out, pos, n = [], 0, len(data)
+    while pos < n:
+        if n - pos < HEADER.size + CRC.size:
+            raise CodecError(f"{what} truncated at byte {pos}: {n - pos} bytes left, a container needs {HEADER.size + CRC.size}")
+        fields_ = HEADER.unpack_from(data, pos)
+        length = HEADER.size + fields_[6] + fields_[7] + CRC.size
+        if pos + length > n:
+            raise CodecError(f"{what} truncated: container at byte {pos} claims {length} bytes, {n - pos} left")
+        out.append(data[pos : pos + length])
+        pos += length
+    return out
+
+
 def peek_codec_id(data: bytes | bytearray | memoryview) -> int:
     """The codec id of a container, after full verification."""
     return unpack(data).codec_id

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .base import Codec, register
-from .container import HEADER, MAX_N, CodecError, pack, unpack
+from .container import MAX_N, CodecError, pack, split_containers, unpack
 from .dense import _STAT_IDS, ans_decode_symbols, ans_encode_symbols
 
 MODES = {"same": 0, "cond": 1, "replay": 2}
@@ -254,16 +254,7 @@ class ThetaDeltaCodec(Codec):
         table = [_ROUND.unpack_from(rest, _REPLAY.size + i * _ROUND.size) for i in range(nrounds)]
         if sum(k for _, k in table) != count:
             raise CodecError("theta-delta: replay payload count disagrees with the round table")
-        parts, pos = [], 0
-        while pos < len(payload):
-            if len(payload) - pos < HEADER.size + 4:
-                raise CodecError("theta-delta: replayed payload truncated")
-            f = HEADER.unpack_from(payload, pos)
-            length = HEADER.size + f[6] + f[7] + 4
-            if pos + length > len(payload):
-                raise CodecError("theta-delta: replayed payload truncated")
-            parts.append(payload[pos : pos + length])
-            pos += length
+        parts = split_containers(payload, "theta-delta: replayed payload")
         if len(parts) != count:
             raise CodecError(f"theta-delta: {len(parts)} replayed payloads, header says {count}")
         i = 0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..codecs import codec_of, get_codec
-from ..codecs.container import HEADER, CodecError
+from ..codecs.container import CodecError, split_containers
 from ..config import Config
 from ..masking import MaskedNetwork
 from ..server import ServerState, init_state
@@ -36,17 +36,7 @@ def join_bundle(parts: list[bytes]) -> bytes:
 
 def split_bundle(data: bytes) -> list[bytes]:
     """Split back-to-back containers; a truncated or malformed bundle raises CodecError."""
-    out, pos, n = [], 0, len(data)
-    while pos < n:
-        if n - pos < HEADER.size + 4:
-            raise CodecError(f"bundle truncated at byte {pos}: {n - pos} bytes left, a container needs {HEADER.size + 4}")
-        fields_ = HEADER.unpack_from(data, pos)
-        length = HEADER.size + fields_[6] + fields_[7] + 4
-        if pos + length > n:
-            raise CodecError(f"bundle truncated: container at byte {pos} claims {length} bytes, {n - pos} left")
-        out.append(data[pos : pos + length])
-        pos += length
-    return out
+    return split_containers(data, "bundle")
 
 
 def parts_by_kind(data: bytes) -> dict[str, bytes]:

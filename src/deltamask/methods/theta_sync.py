@@ -42,20 +42,20 @@ from ..codecs.delta import (
     theta_digest,
 )
 from ..codecs.dense import (
+    _Q8_TABLE,
     ProbsCountsCodec,
     ProbsQ8Codec,
     _quantize8,
-    counts_table,
     lookup,
+    theta_from_counts,
 )
 from ..server import ServerState
-from .base import ClientFailure
+from .base import ClientFailure, split_bundle
 
 log = logging.getLogger("deltamask")
 
 DOWNLINK_MODES = ("auto", "snapshot", "cond", "replay")
 _KIND_OF = {v: k for k, v in LEVEL_KINDS.items()}
-_Q8_TABLE = (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float32)
 
 
 class StaleCache(ClientFailure):
@@ -85,7 +85,7 @@ def levels_of(codec: Any, theta: np.ndarray, counts: np.ndarray | None, total: i
 
 def theta_from_levels(kind: str, total: int, levels: np.ndarray, stat: str, eps: float, prior: tuple[float, float]) -> np.ndarray:
     if kind == "counts":
-        return lookup(counts_table(total, stat, eps, prior), levels)
+        return theta_from_counts(levels, total, stat, eps, prior)
     return lookup(_Q8_TABLE, levels)
 
 
@@ -98,7 +98,7 @@ class ThetaSync:
         self.mode = self.cfg.downlink
         self.history = self.cfg.downlink_history
         self.codec: ThetaDeltaCodec = get_codec("theta-delta")  # type: ignore[assignment]
-        self._cond_cache: dict[tuple, Any] = {}  # per (held version, new version): cond payloads, entropies
+        self._cond_cache: dict[tuple, Any] = {}  # per (held version, new version): cond / replay payloads, entropies
         #: per client, this round's downlink statistics (read by the method's record_fields)
         self.stats: dict[int, dict[str, Any]] = {}
         self._stats_round = -1
@@ -210,6 +210,13 @@ class ThetaSync:
         return out
 
     def _replay(self, state: ServerState, v: int, t: int, target: bytes) -> bytes | None:
+        """The rounds v+1..t's accepted uplinks, framed once per (held, new) pair for every client that holds v."""
+        key = ("replay", v, t)
+        if key not in self._cond_cache:
+            self._cond_cache[key] = self._replay_uncached(state, v, t, target)
+        return self._cond_cache[key]
+
+    def _replay_uncached(self, state: ServerState, v: int, t: int, target: bytes) -> bytes | None:
         base = self.digest(state, v)
         if base is None:
             return None
@@ -218,7 +225,7 @@ class ThetaSync:
             raw, meta = state.extra.get(self._key("replay", u)), state.extra.get(self._key("replay_meta", u))
             if raw is None or meta is None:
                 return None
-            parts = _split(bytes(raw))
+            parts = split_bundle(bytes(raw))
             if len(parts) != int(meta[1]):
                 return None
             rounds.append((int(meta[0]), parts))
@@ -317,12 +324,6 @@ class ThetaSync:
                 cache.pop(k, None)
         else:
             cache["theta_levels_kind"], cache["theta_levels_total"], cache["theta_levels"] = lv[0], int(lv[1]), np.asarray(lv[2])
-
-
-def _split(data: bytes) -> list[bytes]:
-    from .base import split_bundle
-
-    return split_bundle(data)
 
 
 def kl_floor_bits(theta_k: np.ndarray, theta_g: np.ndarray, chunk: int = 1 << 20) -> float:
