@@ -65,6 +65,13 @@ class Config:
     weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation")
     min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
     max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too")
+    # --- untrusted clients (robust.py; benchmarks/bench_attacks.py) ---
+    max_flip_fraction: float = _f(0.05, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected (honest: at most 0.5% of N on the default experiment; benchmarks/RESULTS.md)")
+    flip_outlier: float = _f(3.0, "mask methods: a reply whose flips exceed this many times the round's median is rejected (3+ replies; honest max/median <= 1.1 measured; 0 = off)")
+    clip_factor: float = _f(3.0, "heads and weight updates: each client's update is norm-clipped to this many times the round's median update norm (0 = off)")
+    robust_mean: str = _f("mean", "coordinate-wise rule that combines heads and weight updates", ("mean", "median", "trimmed-mean"))
+    trim_fraction: float = _f(0.2, "trimmed-mean: fraction of the replies cut at each end, per coordinate (at least one each end)")
+    max_abs_param: float = _f(1e4, "a client's head or weight-update entry must be finite with |x| <= this, else the reply is rejected")
     # --- local training ---
     local_epochs: int = _f(1, "local epochs per round (E)")
     batch_size: int = _f(64, "local mini-batch size")
@@ -190,6 +197,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
     need(cfg.cache_ram_mb >= 0, "cache_ram_mb", "must be >= 0 (0 = no limit)")
+    need(0.0 < cfg.max_flip_fraction <= 1.0, "max_flip_fraction", "must be in (0, 1]")
+    need(cfg.flip_outlier == 0 or cfg.flip_outlier >= 1.0, "flip_outlier", "must be 0 (off) or >= 1 (a multiple of the round's median)")
+    need(cfg.clip_factor == 0 or cfg.clip_factor >= 1.0, "clip_factor", "must be 0 (off) or >= 1 (a multiple of the round's median norm)")
+    need(0.0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
+    need(cfg.max_abs_param > 0, "max_abs_param", "must be > 0")
 
 
 def build_config(

@@ -61,6 +61,8 @@ class ServerState:
     counts_total: int = 0
     #: method-specific arrays (baselines' server-side buffers)
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    #: client id -> the identity bound to it for the whole run (Transport.identities; Flower nodes)
+    identities: dict[int, str] = field(default_factory=dict)
 
 
 def init_state(n: int, theta0: float, head_weight: np.ndarray, head_bias: np.ndarray,
@@ -406,6 +408,8 @@ def posterior(alpha: np.ndarray, beta: np.ndarray, stat: str, eps: float) -> np.
 def fedavg(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """Weighted average of same-shaped arrays (float64 accumulation, float32 result)."""
     total = float(sum(weights))
+    if not (total > 0 and np.isfinite(total)) or any(not (w >= 0) for w in weights):
+        raise ValueError(f"aggregation weights {list(weights)[:8]} must be >= 0 and sum to a finite value > 0")
     acc = np.zeros(arrays[0].shape, dtype=np.float64)
     for a, w in zip(arrays, weights):
         acc += (w / total) * a.astype(np.float64)

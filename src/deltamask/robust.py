@@ -1,0 +1,162 @@
+"""What the server believes of a client's reply: the checks and the robust rules (pure numpy).
+
+A reply is another party's input. Before it touches server state the round driver and the methods check
+it against what the server itself knows (issue 21):
+
+* :func:`screen_reply` -- the reply's envelope: ``num_samples`` must be the size of the client's partition
+  as the server computed it (the server's number is used, never the client's), and every metric must be a
+  finite number (metrics are for reporting only; the server computes what it acts on);
+* :func:`check_values` -- every float of a decoded head or weight update is finite and within
+  ``max_abs_param``;
+* :func:`flip_outliers` -- a mask reply flipping more than ``max_flip_fraction`` of the N weights, or more
+  than ``flip_outlier`` times the round's median, is rejected: one client's mask is one vote per weight, but
+  a client that flips many at once pulls theta towards 0.5 everywhere and inflates every honest client's
+  next delta (REFERENCE.md, robust aggregation);
+* :func:`combine` -- heads and weight updates: norm clipping to ``clip_factor`` times the round's median
+  update norm, then the mean (FedAvg), the coordinate-wise median or the trimmed mean, the rules users know
+  from Flower (``FedMedian``, ``FedTrimmedAvg``, fixed / adaptive clipping) and NVFlare.
+
+Where nothing is clipped or rejected the result is bit for bit the plain FedAvg of before: the clipping
+only rescales the updates it clips, and the mean is the same :func:`fedavg` call on the same arrays.
+A failed check raises :class:`Rejected`; the method records it as that reply's ``rejected`` failure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .server import fedavg
+
+#: the most a reply's metrics may hold (they are written to metrics.jsonl): more is not a client's report
+MAX_METRICS = 64
+
+
+class Rejected(ValueError):
+    """A reply failed a check against what the server knows; the message says which and by how much."""
+
+
+def screen_reply(client_id: int, claimed_samples: Any, metrics: Mapping[str, Any], expected_samples: int) -> None:
+    """The reply's envelope against the server's own knowledge; raises :class:`Rejected`."""
+    try:
+        claimed = int(claimed_samples)
+        exact = claimed == claimed_samples
+    except (TypeError, ValueError, OverflowError):
+        claimed, exact = -1, False
+    if not exact or claimed != expected_samples:
+        raise Rejected(f"num_samples {claimed_samples!r} claimed, the server's partition of client {client_id} holds {expected_samples}")
+    if len(metrics) > MAX_METRICS:
+        raise Rejected(f"{len(metrics)} metrics sent, at most {MAX_METRICS}")
+    for k, v in metrics.items():
+        if not isinstance(k, str) or len(k) > 64:
+            raise Rejected(f"metric name {str(k)[:40]!r} is not a short string")
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
+            raise Rejected(f"metric {k!r} is {str(v)[:40]!r}, not a finite number")
+
+
+def check_count(name: str, value: Any, hi: int) -> int:
+    """A client-reported count (reporting only) that must be an integer in ``[0, hi]``."""
+    v = float(value)
+    if not (math.isfinite(v) and v == int(v) and 0 <= v <= hi):
+        raise Rejected(f"metric {name!r} is {value!r}, not an integer in [0, {hi}]")
+    return int(v)
+
+
+def check_values(a: np.ndarray, bound: float, what: str) -> None:
+    """Every entry of ``a`` finite with ``|x| <= bound``; raises :class:`Rejected` naming the first bad one."""
+    a = np.asarray(a)
+    flat = a.reshape(-1)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise Rejected(f"{what} holds {int(bad.sum())} non-finite values (entry {i} is {flat[i]})")
+    if flat.size:
+        big = np.abs(flat.astype(np.float64)) > bound
+        if big.any():
+            i = int(np.flatnonzero(big)[0])
+            raise Rejected(f"{what} entry {i} is {float(flat[i]):g}, beyond max_abs_param={bound:g}")
+
+
+def flip_outliers(flips: Mapping[int, int], n: int, max_fraction: float | None, factor: float) -> dict[int, str]:
+    """Clients to reject for the number of mask entries they flip against the reference: over the cap
+    ``floor(max_fraction * n)`` (``None``: no cap), or over ``factor`` times the median of the round's
+    replies (3 or more; ``factor`` 0: off). Returns {client: reason}."""
+    out: dict[int, str] = {}
+    if max_fraction is not None:
+        cap = int(math.floor(max_fraction * n))
+        for c, k in flips.items():
+            if k > cap:
+                out[c] = f"flips {k} of {n} mask entries, over the cap max_flip_fraction={max_fraction:g} ({cap})"
+    if factor and len(flips) >= 3:
+        med = float(np.median(list(flips.values())))
+        lim = factor * med
+        for c, k in flips.items():
+            if c not in out and k > lim:
+                out[c] = f"flips {k} mask entries, {k / max(med, 1):.1f}x the round's median {med:g} (flip_outlier={factor:g})"
+    return out
+
+
+@dataclass
+class Combined:
+    """The combined vector and, per client (in input order), its update norm and clip scale."""
+
+    value: np.ndarray
+    norms: list[float] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)  # 1.0 where not clipped
+    median_norm: float = 0.0
+
+
+def clip_scales(norms: list[float], factor: float) -> tuple[list[float], float]:
+    """Scale factors that bring each norm to at most ``factor`` times the median norm (1.0: untouched)."""
+    med = float(np.median(norms)) if norms else 0.0
+    if not factor or len(norms) < 2:
+        return [1.0] * len(norms), med
+    lim = factor * med
+    return [lim / x if x > lim else 1.0 for x in norms], med
+
+
+def combine(
+    base: np.ndarray, items: list[np.ndarray], weights: list[float], rule: str = "mean", trim: float = 0.2, clip: float = 0.0
+) -> Combined:
+    """Combine the clients' vectors ``items`` (each the client's new value; its update is ``item - base``).
+
+    1. ``clip`` > 0: an update whose L2 norm exceeds ``clip`` times the round's median update norm is scaled
+       down to it (the item becomes ``base + s * (item - base)``); the others stay the very same arrays.
+    2. ``rule``: ``mean`` = :func:`fedavg` with ``weights``; ``median`` = coordinate-wise median;
+       ``trimmed-mean`` = per coordinate, the mean after cutting ``max(1, floor(trim * K))`` values at each
+       end (the median where that leaves nothing). Median and trimmed mean ignore the weights.
+    """
+    if not items:
+        raise ValueError("nothing to combine")
+    base64 = base.astype(np.float64)
+    norms = [float(np.linalg.norm(it.astype(np.float64) - base64)) for it in items]
+    scales, med = clip_scales(norms, clip)
+    clipped = [it if s == 1.0 else (base64 + s * (it.astype(np.float64) - base64)).astype(np.float32) for it, s in zip(items, scales)]
+    if rule == "mean":
+        value = fedavg(clipped, weights)
+    elif rule in ("median", "trimmed-mean"):
+        stack = np.stack([c.astype(np.float64) for c in clipped])
+        k = stack.shape[0]
+        t = max(1, int(math.floor(trim * k))) if rule == "trimmed-mean" else 0
+        if rule == "median" or k - 2 * t < 1:
+            value = np.median(stack, axis=0).astype(np.float32)
+        else:
+            value = np.sort(stack, axis=0)[t : k - t].mean(axis=0).astype(np.float32)
+    else:
+        raise ValueError(f"unknown robust rule {rule!r}; valid: mean, median, trimmed-mean")
+    return Combined(value, norms, scales, med)
+
+
+def nonfinite_fields(arrays: Mapping[str, Any]) -> list[str]:
+    """Names of the arrays that hold a NaN or an infinity (server state, a model about to be written)."""
+    bad = []
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        arr = np.asarray(a)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad.append(name)
+    return bad
