@@ -34,6 +34,7 @@ from .config import Config, ConfigError, build_config, from_sources, parse_sets
 from .errors import RunFailed
 from .experiment import Experiment
 from .methods import Aggregation, Failure, Reply
+from .robust import Rejected, nonfinite_fields, screen_reply
 from .metrics import append_jsonl, read_jsonl, summarize, truncate_metrics, write_json
 from .server import ServerState
 from .state import STATE_FILE, StateError, load_state, save_state
@@ -127,6 +128,38 @@ def round_record(
     return rec
 
 
+# --- what the server believes of a reply ---------------------------------------------------------
+def screen_replies(exp: Experiment, replies: list[Reply]) -> tuple[list[Reply], list[Failure]]:
+    """Each reply's envelope checked against what the server knows (:func:`robust.screen_reply`): the
+    sample count is the server's own (a different claim is rejected), metrics are finite numbers. The
+    accepted replies carry the server's sample count; the others become ``rejected`` failures."""
+    good: list[Reply] = []
+    bad: list[Failure] = []
+    sizes = exp.client_sizes
+    for r in replies:
+        try:
+            if not 0 <= r.client_id < len(sizes):
+                raise Rejected(f"client id {r.client_id} is outside [0, {len(sizes)})")
+            screen_reply(r.client_id, r.num_samples, r.metrics, sizes[r.client_id])
+        except Rejected as e:
+            bad.append(Failure(r.client_id, f"rejected reply: {e}", "rejected"))
+            continue
+        good.append(Reply(r.client_id, r.payload, int(sizes[r.client_id]), dict(r.metrics)))
+    return good, bad
+
+
+def check_state_finite(state: ServerState, rnd: int) -> None:
+    """A NaN or infinity in the server state ends the run loudly (it would be broadcast and written as the
+    model): :class:`RunFailed` names the arrays."""
+    arrays: dict[str, Any] = {"theta": state.theta, "head_weight": state.head_weight, "head_bias": state.head_bias,
+                              "alpha": state.alpha, "beta": state.beta}
+    arrays.update({f"extra/{k}": v for k, v in state.extra.items()})
+    bad = nonfinite_fields(arrays)
+    if bad:
+        raise RunFailed(f"round {rnd} left non-finite values in the server state ({', '.join(bad[:5])}); the model is not "
+                        "written: check the clients' replies in metrics.jsonl and the robust options (clip_factor, robust_mean)")
+
+
 # --- the output folder -----------------------------------------------------------------------------
 def write_config(out: Path, cfg: Config) -> None:
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -191,6 +224,13 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     from .artifact import save_artifact
     from .report import plot_run
 
+    refused = None
+    if failure is None:
+        bad = nonfinite_fields({"theta": state.theta, "head_weight": state.head_weight, "head_bias": state.head_bias,
+                                "delta": exp.method.global_delta(state)})
+        if bad:
+            failure = refused = f"the final model holds non-finite values ({', '.join(bad)}); no model.safetensors was written"
+            log.error("run failed: %s", failure)
     if failure is None:
         set_head(exp, state)
         save_artifact(out / "model.safetensors", exp, state)
@@ -208,6 +248,8 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     write_json(out / "summary.json", summary)
     if records:
         plot_run(out)
+    if refused:
+        raise RunFailed(refused)
     return summary
 
 
@@ -248,6 +290,7 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
     forget what it believed the other clients held (they get it re-sent: same result)."""
     state, client_states, saved, engine = load_state(out)
     check_resumable(exp.cfg, saved, out)
+    transport.bind(dict(state.identities))
     held = transport.restore(client_states)
     believed = set(state.client_theta_version) | set(state.client_head_version)
     lost = sorted(believed - held)
@@ -390,14 +433,18 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
         log.warning("round %d: client %d dropped: %s", rnd, f.client, f.reason)
         method.delivered(state, f.client, False)
         transport.forget(f.client)
-    for r in replies:
+    screened, rejected = screen_replies(exp, replies)
+    for r in screened:
         method.delivered(state, r.client_id, True)
-    agg = method.aggregate(state, replies, rnd)
+    agg = method.aggregate(state, screened, rnd)
+    agg.dropped[:0] = rejected
     for d in agg.dropped:
         log.warning("round %d: client %d dropped: %s", rnd, d.client, d.reason)
         method.delivered(state, d.client, False)
         transport.forget(d.client)
     state.round = rnd
+    check_state_finite(state, rnd)
+    state.identities = dict(transport.identities())
     evaluation = evaluate_global(exp, state, rnd) if (rnd % cfg.eval_every == 0 or rnd == cfg.rounds) else None
     rec = round_record(exp, rnd, selected, down_bits, replies, failures, agg, evaluation, time.time() - t0)
     rec.update(ex.fields)

@@ -89,6 +89,7 @@ def save_state(
         "client_head_version": {str(k): v for k, v in state.client_head_version.items()},
         "client_theta_version": {str(k): v for k, v in state.client_theta_version.items()},
         "client_scalars": client_scalars,
+        "identities": {str(k): v for k, v in state.identities.items()},
         "config": config,
         "engine": engine,
     }
@@ -146,6 +147,7 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
             counts=tensors.get("server/counts"),
             counts_total=int(meta["counts_total"]),
             extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra/")},
+            identities={int(k): str(v) for k, v in meta.get("identities", {}).items()},
         )
         clients: dict[int, dict[str, Any]] = {int(c): dict(sc) for c, sc in meta["client_scalars"].items()}
         for k, v in tensors.items():

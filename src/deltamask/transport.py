@@ -61,5 +61,13 @@ class Transport(ABC):
         """On resume: take back persisted client caches; returns the clients whose cache is held."""
         return set()
 
+    def identities(self) -> dict[int, str]:
+        """client id -> the identity of the party bound to serve it (e.g. ``node:17`` or ``key:<sha256>`` on
+        Flower), persisted with the run state so that resume keeps every binding; {}: none (local)."""
+        return {}
+
+    def bind(self, identities: dict[int, str]) -> None:
+        """On resume, before :meth:`start`: the bindings of the interrupted run (see :meth:`identities`)."""
+
     def close(self) -> None:
         """Release what the transport holds (called when the run ends, whatever the outcome)."""

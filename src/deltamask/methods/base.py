@@ -93,6 +93,7 @@ FAILURE_KINDS = (
     "node-lost",  # the transport reports the node gone (Flower: node unavailable)
     "transport",  # the transport could not deliver or the reply could not be unpacked
     "malformed",  # the reply arrived but its payload does not decode
+    "rejected",  # the reply decoded but failed a check against what the server knows (robust.py)
 )
 
 

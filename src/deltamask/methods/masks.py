@@ -37,6 +37,7 @@ from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import ConfigError
+from ..robust import Combined, Rejected, check_count, check_values, clip_scales, combine, flip_outliers
 from ..server import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .theta_sync import ThetaSync, kl_floor_bits
 from .base import (
@@ -63,6 +64,28 @@ def auto_counts_codec(n: int, stat: str, eps: float) -> ProbsCountsCodec:
 
 def _bits(b: bytes) -> int:
     return 8 * len(b)
+
+
+def reply_failure(client_id: int, what: str, e: BaseException) -> Failure:
+    """One reply's typed failure: a payload that does not decode is ``malformed``; one that decodes but
+    fails a check, or whose processing raised anything else, is ``rejected`` (never a crash of the run)."""
+    if isinstance(e, CodecError):
+        return Failure(client_id, f"malformed {what}: {e}", "malformed")
+    if isinstance(e, Rejected):
+        return Failure(client_id, f"rejected {what}: {e}", "rejected")
+    return Failure(client_id, f"rejected {what}: {type(e).__name__}: {e}", "rejected")
+
+
+def clip_records(ids: list[int], res: Any) -> list[dict[str, Any]]:
+    """Per client: its update's norm, and where it was clipped the scale applied (robust.combine)."""
+    out = []
+    for cid, nrm, sc in zip(ids, res.norms, res.scales):
+        rec: dict[str, Any] = {"client": cid, "update_norm": nrm}
+        if sc != 1.0:
+            rec["clipped"] = sc
+            rec["clip_reason"] = f"update norm {nrm:.4g} over clip_factor x median = {nrm * sc:.4g}"
+        out.append(rec)
+    return out
 
 
 class _HeadRounds(Method):
@@ -97,21 +120,48 @@ class _HeadRounds(Method):
         return Reply(ctx.client_id, payload, data.num_samples, {"train_loss": loss})
 
     def head_round_aggregate(self, state: ServerState, replies: list[Reply]) -> Aggregation:
-        heads, weights, dropped = [], [], []
+        heads, weights, ids, dropped = [], [], [], []
         for r in replies:
             try:
-                heads.append(self.decode_head(r.payload))
+                heads.append(self.checked_head(r.payload))
                 weights.append(r.num_samples if self.cfg.weighted else 1.0)
-            except CodecError as e:
-                dropped.append(Failure(r.client_id, f"malformed head payload: {e}", "malformed"))
+                ids.append(r.client_id)
+            except Exception as e:  # noqa: BLE001 - one reply never ends the run
+                dropped.append(reply_failure(r.client_id, "head payload", e))
         agg = Aggregation("head", len(heads), dropped)
         if len(heads) < self.cfg.min_replies:
             agg.skipped = True
             return agg
-        state.head_weight = fedavg([h[0] for h in heads], weights)
-        state.head_bias = fedavg([h[1] for h in heads], weights)
+        agg.clients = self.combine_heads(state, heads, weights, ids)
         state.head_version += 1
         return agg
+
+    def checked_head(self, payload: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """A client's head, decoded and checked: every entry finite and within ``max_abs_param``."""
+        w, b = self.decode_head(payload)
+        check_values(w, self.cfg.max_abs_param, "head weight")
+        check_values(b, self.cfg.max_abs_param, "head bias")
+        return w, b
+
+    def combine_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int]) -> list[dict[str, Any]]:
+        """The new global head from the clients' heads (robust.combine: clipping and the configured rule);
+        returns the per-client record (update norm, clip scale where clipped)."""
+        cfg = self.cfg
+        c, d = state.head_weight.shape
+        flat = [np.concatenate([h[0].reshape(-1), h[1].reshape(-1)]) for h in heads]
+        base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)]).astype(np.float64)
+        norms = [float(np.linalg.norm(f.astype(np.float64) - base)) for f in flat]
+        scales, med = clip_scales(norms, cfg.clip_factor)
+        if cfg.robust_mean == "mean" and all(sc == 1.0 for sc in scales):
+            # nothing clipped: exactly the plain FedAvg of the heads as sent
+            state.head_weight = fedavg([h[0] for h in heads], weights)
+            state.head_bias = fedavg([h[1] for h in heads], weights)
+            res = Combined(state.head_bias, norms, scales, med)
+        else:
+            res = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, cfg.clip_factor)
+            state.head_weight = res.value[: c * d].reshape(c, d).copy()
+            state.head_bias = res.value[c * d :].copy()
+        return clip_records(ids, res)
 
 
 class LinearProbe(_HeadRounds):
@@ -260,11 +310,12 @@ class MaskMethod(_HeadRounds):
     def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         if self.is_head_round(round_):
             return self.head_round_aggregate(state, replies)
-        agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted, device=self.server_device())
-        per_client: list[dict[str, Any]] = []
-        accepted_parts: list[bytes] = []
+        self._agg_round = round_
+        # pass 1: decode and check every reply; nothing touches the state yet
+        decoded: list[tuple[Reply, bytes, tuple[str, Any], dict[str, Any], Any]] = []
         dropped: list[Failure] = []
-        heads, head_w = [], []
+        flips: dict[int, int] = {}
+        ref: list[np.ndarray] = []  # [theta_g >= 0.5], computed once if a dense mask needs it
         for r in replies:
             try:
                 parts = parts_by_kind(r.payload)
@@ -272,22 +323,41 @@ class MaskMethod(_HeadRounds):
                 if mask_part is None:
                     raise CodecError("reply holds no mask payload")
                 update, stats = self.decode_update(mask_part, state.theta)
+                head = None
                 if self.cfg.train_head:
                     if "array" not in parts:
                         raise CodecError("train_head is on but the reply holds no head")
-                    heads.append(self.decode_head(parts["array"]))
-                    head_w.append(r.num_samples if self.cfg.weighted else 1.0)
-            except (CodecError, ValueError) as e:
-                dropped.append(Failure(r.client_id, f"malformed payload: {e}", "malformed"))
+                    head = self.checked_head(parts["array"])
+                if "num_keys" in r.metrics and "num_members" in stats:  # reporting only (false positives, the bound)
+                    keys = check_count("num_keys", r.metrics["num_keys"], self.n)
+                    stats["false_positives"] = stats["num_members"] - keys
+                    stats["bound_bits"] = log2_binomial(self.n, keys)
+                    stats["num_keys"] = keys
+                flips[r.client_id] = self.flip_count(update, ref, state.theta)
+            except Exception as e:  # noqa: BLE001 - one reply never ends the run
+                dropped.append(reply_failure(r.client_id, "payload", e))
                 continue
-            if "num_keys" in r.metrics and "num_members" in stats:  # simulator truth: count false positives
-                stats["false_positives"] = stats["num_members"] - r.metrics["num_keys"]
-                stats["bound_bits"] = log2_binomial(self.n, int(r.metrics["num_keys"]))
-            stats.update({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(mask_part).name})
+            decoded.append((r, mask_part, update, stats, head))
+        outliers = flip_outliers(flips, self.n, self.flip_cap(), self.cfg.flip_outlier)
+        # pass 2: the accepted replies, in their order, into the posterior
+        agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted, device=self.server_device())
+        per_client: list[dict[str, Any]] = []
+        accepted_parts: list[bytes] = []
+        heads, head_w, head_ids = [], [], []
+        for r, mask_part, update, stats, head in decoded:
+            if r.client_id in outliers:
+                dropped.append(Failure(r.client_id, f"rejected payload: {outliers[r.client_id]}", "rejected"))
+                continue
+            stats.update({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(mask_part).name,
+                          "flips": flips[r.client_id]})
             if "kl_floor_bits" in r.metrics:
                 stats["kl_floor_bits"] = float(r.metrics["kl_floor_bits"])
             per_client.append(stats)
             accepted_parts.append(mask_part)
+            if head is not None:
+                heads.append(head)
+                head_w.append(r.num_samples if self.cfg.weighted else 1.0)
+                head_ids.append(r.client_id)
             kind, data = update
             if kind == "flips":
                 agg.add_flips(data, r.num_samples)
@@ -324,10 +394,28 @@ class MaskMethod(_HeadRounds):
         replayable = exact and self.cfg.reset_every == 1 and not self.cfg.weighted and isinstance(codec, ProbsCountsCodec)
         self.sync.register(state, accepted_parts if replayable else None, round_)
         if heads:
-            state.head_weight = fedavg([h[0] for h in heads], head_w)
-            state.head_bias = fedavg([h[1] for h in heads], head_w)
+            for rec in self.combine_heads(state, heads, head_w, head_ids):
+                stats = next(c for c in per_client if c["client"] == rec["client"])
+                stats.update({f"head_{k}" if k != "client" else k: v for k, v in rec.items()})
             state.head_version += 1
         return info
+
+    def flip_cap(self) -> float | None:
+        """The largest fraction of the N weights one reply may flip (None: no cap for this method)."""
+        return None
+
+    @staticmethod
+    def flip_count(update: tuple[str, Any], ref: list[np.ndarray], theta: np.ndarray) -> int:
+        """How many mask entries a decoded update flips against the reference ``[theta_g >= 0.5]``
+        (``ref``: a one-element cache of it, filled on first use)."""
+        kind, data = update
+        if kind == "flips":
+            return int(len(data))
+        if kind == "flip_mask":
+            return int(data.sum()) if not isinstance(data, np.ndarray) else int(np.count_nonzero(data))
+        if not ref:
+            ref.append(theta >= 0.5)
+        return int(np.count_nonzero(np.asarray(data) != ref[0]))
 
     def downlink_fields(self) -> dict[str, Any]:
         """This round's theta downlink: the mode each client got, what a snapshot-only downlink would have
@@ -362,11 +450,17 @@ class MaskMethod(_HeadRounds):
         bpk = [c["bits_per_key"] for c in agg.clients if "bits_per_key" in c]
         if bpk:
             out["bits_per_key"] = float(np.mean(bpk))
-        keys = [r.metrics["num_keys"] for r in replies if "num_keys" in r.metrics]
+        keys = [c["num_keys"] for c in agg.clients if "num_keys" in c]
         if keys:
             out["mean_keys"] = float(np.mean(keys))
-            out["kappa"] = float(replies[0].metrics.get("kappa", np.nan))
+        kappa = self.round_kappa(agg)
+        if kappa is not None:
+            out["kappa"] = kappa
         return out
+
+    def round_kappa(self, agg: Aggregation) -> float | None:
+        """kappa of the round just aggregated, from the server's own config (None: not a DeltaMask round)."""
+        return None
 
 
 class FedPM(MaskMethod):
@@ -424,6 +518,14 @@ class DeltaMask(MaskMethod):
 
     def mask_rounds(self) -> int:
         return max(self.cfg.rounds - self.cfg.head_warmup_rounds, 1)
+
+    def flip_cap(self) -> float | None:
+        return self.cfg.max_flip_fraction
+
+    def round_kappa(self, agg: Aggregation) -> float | None:
+        if agg.phase != "mask" or not agg.clients:
+            return None
+        return kappa_at(self.cfg, getattr(self, "_agg_round", 0) - self.cfg.head_warmup_rounds, self.mask_rounds())
 
     def encode_mask(self, m_k, theta_k, theta_g, ctx):  # type: ignore[no-untyped-def]
         ref = theta_g >= 0.5

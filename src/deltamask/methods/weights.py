@@ -41,9 +41,10 @@ from ..client import run_epochs
 from ..codecs import CodecError, codec_of, get_codec
 from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
+from ..robust import check_values, clip_scales, combine
 from ..server import ServerState, fedavg
 from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, join_bundle, split_bundle
-from .masks import _HeadRounds
+from .masks import _HeadRounds, reply_failure
 
 MODE_NONE, MODE_UPDATES, MODE_DENSE = 0, 1, 2
 V_KEY = "v"
@@ -97,6 +98,24 @@ class WeightMethod(_HeadRounds):
     def server_update(self, estimates: list[np.ndarray], weights: list[float], replies: list[Reply], round_: int) -> np.ndarray:
         """The global update from the round's decoded client updates (default: their mean)."""
         return fedavg(estimates, weights)
+
+    def robust_update(self, ests: list[np.ndarray], weights: list[float], replies: list[Reply], round_: int, per_client: list[dict[str, Any]]) -> np.ndarray:
+        """The global update under the robust options: updates norm-clipped to ``clip_factor`` times the
+        round's median norm, then the method's own rule (``robust_mean=mean``) or the coordinate-wise
+        median / trimmed mean. Where nothing is clipped and the rule is ``mean``, exactly
+        :meth:`server_update` on the decoded updates. Records each client's norm and clip in ``per_client``."""
+        norms = [float(np.linalg.norm(e.astype(np.float64))) for e in ests]
+        scales, _ = clip_scales(norms, self.cfg.clip_factor)
+        for rec, nrm, sc in zip(per_client, norms, scales):
+            rec["update_norm"] = nrm
+            if sc != 1.0:
+                rec["clipped"] = sc
+                rec["clip_reason"] = f"update norm {nrm:.4g} over clip_factor x median = {nrm * sc:.4g}"
+        clipped = [e if sc == 1.0 else (e.astype(np.float64) * sc).astype(np.float32) for e, sc in zip(ests, scales)]
+        if self.cfg.robust_mean == "mean":
+            return self.server_update(clipped, weights, replies, round_)
+        zero = np.zeros(self.p, np.float32)
+        return combine(zero, clipped, weights, self.cfg.robust_mean, self.cfg.trim_fraction, 0.0).value
 
     def encode_update(self, g: np.ndarray, round_: int) -> bytes:
         """Downlink encoding of the global update (default: float32, exact)."""
@@ -178,8 +197,9 @@ class WeightMethod(_HeadRounds):
         for r in replies:
             try:
                 est = self.decompress(r.payload)
-            except (CodecError, ValueError) as e:
-                dropped.append(Failure(r.client_id, f"malformed payload: {e}", "malformed"))
+                check_values(est, self.cfg.max_abs_param, "update")
+            except Exception as e:  # noqa: BLE001 - one reply never ends the run
+                dropped.append(reply_failure(r.client_id, "payload", e))
                 continue
             ests.append(est)
             weights.append(r.num_samples if self.cfg.weighted else 1.0)
@@ -189,7 +209,7 @@ class WeightMethod(_HeadRounds):
         if len(ests) < self.cfg.min_replies:
             info.skipped = True
             return info
-        g = self.server_update(ests, weights, good, round_)
+        g = self.robust_update(ests, weights, good, round_, per_client)
         payload = self.encode_update(g, round_)
         g_hat = self.decode_update(payload)
         state.extra[V_KEY] = (state.extra[V_KEY] + g_hat).astype(np.float32)
