@@ -395,8 +395,9 @@ def test_superlink_restart_and_resume_match_uninterrupted(federation, tmp_path) 
     old = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
            for pid in descendants(fed.procs["superlink"].pid)}
     fed.kill("superlink", sig=signal.SIGKILL)
-    fed.kill("supernode1")
-    fed.start_node(1)
+    # the SuperNodes stay up and reconnect with their node ids and keys (the same --database): a SuperNode
+    # restarted without SuperNode authentication comes back with a new key pair, a new identity, and is
+    # refused its partition (issue 21; tests/flower/test_flower_identity.py)
     fed.start_superlink()
     deadline = time.time() + 120
     while len(fed.online_nodes()) < 2:
@@ -489,3 +490,48 @@ def test_faults_under_load_on_four_supernodes(federation, tmp_path) -> None:
     for k in sb:
         if k.startswith("server/"):
             np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+def test_second_supernode_claiming_a_bound_partition_is_refused(tmp_path) -> None:
+    """A third SuperNode started mid-run with partition-id=0 (bound to the first node that claimed it) is
+    refused, named in metrics.jsonl, and the run completes with the two honest nodes. Each node is bound
+    by the public key the SuperLink reports for it (Grid.get_nodes)."""
+    from deltamask.state import load_state
+
+    fed = Federation(tmp_path, ["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2 test-fault='hang:25@1'",
+                                "partition-id=0 num-partitions=2"])
+    try:
+        fed.start_superlink()
+        fed.start_node(0)
+        fed.start_node(1)
+        out = tmp_path / "out"
+        run_id = fed.submit(run_config(out, rounds=3))
+        # round 1 is under way (both honest nodes bound) once a node worker trained; node 1 stalls 25 s in it
+        deadline = time.time() + 300
+        while not any("(train): ok" in f.read_text(errors="replace") for f in (tmp_path / "workers").glob("node-*.log")):
+            assert time.time() < deadline, f"round 1 never started\n{fed.logs()}"
+            assert not fed.run_info(run_id)["status"].startswith("finished"), fed.logs()
+            time.sleep(1)
+        honest = {int(n) for n in fed.online_nodes()}
+        assert len(honest) == 2, honest
+        fed.start_node(2)
+        while len(fed.online_nodes()) < 3:
+            assert time.time() < deadline, f"the third SuperNode did not connect\n{fed.logs()}"
+            time.sleep(1)
+        (rogue,) = {int(n) for n in fed.online_nodes()} - honest
+        info = fed.wait(run_id, timeout=300)
+        assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
+        recs = read_jsonl(out / "metrics.jsonl")
+        assert [r["round"] for r in recs] == [1, 2, 3]
+        for r in recs:
+            assert r["num_replies"] == 2 and r["failures"] == [], r
+        refused = [e for r in recs for e in r.get("identity_refused", [])]
+        assert len(refused) == 1, (refused, fed.logs())
+        (e,) = refused
+        assert (e["node"], e["claimed"]) == (rogue, 0) and e["bound_node"] in honest, (e, honest, rogue)
+        assert f"node {rogue}" in e["reason"] and f"node {e['bound_node']}" in e["reason"], e
+        ids = load_state(out)[0].identities
+        assert sorted(ids) == [0, 1] and all(v.startswith("key:") for v in ids.values()), ids
+    finally:
+        fed.stop()
+        fed.wait_no_workers()

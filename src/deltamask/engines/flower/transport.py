@@ -14,13 +14,35 @@ Node discovery: a ``query`` message to every new node id asks its ``partition-id
 ``node_config``) and the hash of the config it resolved. A node that refuses (say, ``num-partitions``
 contradicts the run) is reported by node id with its reason and left out; if no node at all joins
 within ``node-wait-timeout`` the run fails (:class:`~deltamask.errors.RunFailed`).
+
+Identity: a node's answer is not believed blindly.
+
+* a ``partition-id`` that is not an ``int`` in ``[0, num_clients)`` is refused;
+* a partition is bound, for the whole run, to the identity of the node that first claimed it, and that
+  identity to that partition: a second claimant is refused (naming both node ids), even when the first node
+  has left; the bound node coming back with the same identity is accepted again. The bindings are saved
+  with the run state (:meth:`FlowerTransport.identities`) and restored on resume (:meth:`FlowerTransport.bind`).
+
+The identity is the node's public key where the Grid reports one (``key:<sha256 of the key>``), else its
+node id (``node:<id>``). In Flower 1.42 ``Grid.get_nodes()`` returns the SuperLink's ``NodeInfo`` records,
+``public_key`` included (``Runtime.GetNodes`` -> ``LinkState.get_node_info``), and the SuperLink checks a
+signature by that key on every Fleet call of a SuperNode (``NodeAuthMiddleware`` /
+``NodeAuthServerInterceptor``), whether or not ``--enable-supernode-auth`` is on. With SuperNode
+authentication the key is the one registered with ``flwr supernode register``, so it survives a restart of
+the SuperNode; without it each ``flower-supernode`` process makes a fresh key pair when it registers (one
+key, one node id), so a restarted SuperNode is a new identity and is refused for the partition it served.
+Grids that report no key (test doubles) bind by node id.
+
+Every refusal is also reported once in the next round's metrics line (``identity_refused``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
@@ -53,6 +75,12 @@ def _last_line(text: str | None) -> str:
     return f"{m.group(1)}: {m.group(2)}" if m else last
 
 
+def _identity(nid: int, public_key: bytes) -> str:
+    """A node's identity: its public key (signature-checked by the SuperLink) where the Grid reports one,
+    else its node id."""
+    return f"key:{hashlib.sha256(public_key).hexdigest()}" if public_key else f"node:{nid}"
+
+
 class FlowerTransport(Transport):
     """Moves a round's bytes as Flower messages."""
 
@@ -66,6 +94,10 @@ class FlowerTransport(Transport):
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.client_of: dict[int, int] = {}  # node id -> client id
         self.refused: dict[int, str] = {}  # node id -> why it did not join
+        self.bound: dict[int, str] = {}  # client id -> identity bound to it for the whole run
+        self.bound_node: dict[int, int] = {}  # client id -> node id of its bound identity, when known
+        self.identity_of: dict[int, str] = {}  # node id -> its identity (see _identity)
+        self._new_refusals: list[dict[str, Any]] = []  # for the next round's metrics line
 
     # --- messaging ---------------------------------------------------------------------------------
     def _send(self, messages: list[Message], timeout: float) -> tuple[dict[str, Message], dict[str, Message]]:
@@ -97,19 +129,28 @@ class FlowerTransport(Transport):
         """Ask new nodes which partition they serve; wait up to ``wait`` s for all ``num_clients``."""
         deadline = time.time() + wait
         while True:
-            live = {int(n) for n in self.grid.get_node_ids()}
-            for nid in [n for n in self.client_of if n not in live]:  # gone: forget the mapping
+            live = self._live_nodes()
+            for nid in [n for n in self.client_of if n not in live]:  # gone: forget the mapping (not the binding)
                 cid = self.client_of.pop(nid)
                 if self.node_of.get(cid) == nid:
                     del self.node_of[cid]
-            new = sorted(live - set(self.client_of) - set(self.refused))
+            new = sorted(set(live) - set(self.client_of) - set(self.refused))
             if new:
-                self._query(new, live)
+                for nid in new:
+                    self.identity_of[nid] = _identity(nid, live[nid])
+                self._query(new)
             if len(self.node_of) >= self.cfg.num_clients or time.time() >= deadline:
                 return sorted(self.node_of)
             time.sleep(0.5)
 
-    def _query(self, nodes: list[int], live: set[int]) -> None:
+    def _live_nodes(self) -> dict[int, bytes]:
+        """node id -> public key (b"" where the Grid reports none) of every node connected now."""
+        get_nodes = getattr(self.grid, "get_nodes", None)
+        if get_nodes is None:  # a Grid-like object without Flower's default get_nodes()
+            return {int(n): b"" for n in self.grid.get_node_ids()}
+        return {int(info.node_id): bytes(info.public_key or b"") for info in get_nodes()}
+
+    def _query(self, nodes: list[int]) -> None:
         msgs = [Message(RecordDict({META_KEY: ConfigRecord({"config-hash": self.hash})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         sent, replies = self._send(msgs, timeout=max(10.0, min(self.settings.round_timeout, 60.0)))
         for mid, msg in sent.items():
@@ -118,27 +159,68 @@ class FlowerTransport(Transport):
             if reply is None:
                 log.warning("node %d did not answer who it is; asked again later", nid)
                 continue
+            if reply.has_error() and int(reply.error.code) == ErrorCode.NODE_UNAVAILABLE:
+                # the SuperLink answers for a node it lost: not the node's refusal (it may come back, and a
+                # bound node must then be asked again)
+                log.warning("node %d is unavailable; asked again if it comes back", nid)
+                continue
             if reply.has_error():
                 self._refuse(nid, _last_line(reply.error.reason))
                 continue
             try:
                 meta = unpack_meta(reply.content)
-                cid = int(meta["partition-id"])
-            except (RecordError, KeyError, ValueError) as e:
+                claim = meta["partition-id"]
+            except (RecordError, KeyError) as e:
                 self._refuse(nid, f"malformed answer to the query: {e}")
                 continue
+            n = self.cfg.num_clients
+            # an int, not a bool, a float or a string: a rogue answer is never coerced into some partition
+            if type(claim) is not int or not 0 <= claim < n:
+                self._refuse(nid, f"node {nid} claims partition-id {claim!r}, which is not an integer in 0..{n - 1} (num-clients={n})", claim)
+                continue
+            cid = claim
             if meta.get("config-hash") != self.hash:
-                self._refuse(nid, f"it runs another config (hash {meta.get('config-hash')} != {self.hash}): give every node the same deltamask version and data")
+                self._refuse(nid, f"it runs another config (hash {meta.get('config-hash')} != {self.hash}): give every node the same deltamask version and data", cid)
                 continue
-            if cid in self.node_of and self.node_of[cid] in live:
-                self._refuse(nid, f"partition {cid} is already served by node {self.node_of[cid]}: give each SuperNode its own partition-id")
+            ident = self.identity_of.get(nid) or _identity(nid, b"")
+            bound = self.bound.get(cid)
+            if bound is not None and bound != ident:
+                other = self.bound_node.get(cid)
+                holder = f"node {other}" if other is not None else "another node"
+                self._refuse(nid, f"node {nid} ({ident}) claims partition {cid}, which is bound to {holder} ({bound}) for this run "
+                                  "(the node that first claimed it): give each SuperNode its own partition-id", cid, other)
                 continue
+            mine = next((c for c, i in self.bound.items() if i == ident and c != cid), None)
+            if mine is not None:
+                self._refuse(nid, f"node {nid} ({ident}) claims partition {cid}, but it is bound to partition {mine} for this run", cid)
+                continue
+            if self.node_of.get(cid, nid) != nid:  # the same identity twice at once (a Grid would not allow it)
+                self._refuse(nid, f"node {nid} claims partition {cid}, which node {self.node_of[cid]} serves now", cid, self.node_of[cid])
+                continue
+            self.bound[cid] = ident
+            self.bound_node[cid] = nid
             self.node_of[cid] = nid
             self.client_of[nid] = cid
 
-    def _refuse(self, nid: int, reason: str) -> None:
+    def _refuse(self, nid: int, reason: str, claimed: Any = None, bound_node: int | None = None) -> None:
         self.refused[nid] = reason
+        if claimed is not None and (type(claimed) is not int):
+            claimed = repr(claimed)[:80]  # what the node sent, JSON-safe
+        self._new_refusals.append({"node": nid, "claimed": claimed, "bound_node": bound_node, "reason": reason})
         log.warning("node %d refused to join: %s", nid, reason)
+
+    # --- identities --------------------------------------------------------------------------------
+    def identities(self) -> dict[int, str]:
+        """client id -> identity bound to it (``key:<sha256 hex>`` or ``node:<id>``), saved with the run state."""
+        return dict(self.bound)
+
+    def bind(self, identities: dict[int, str]) -> None:
+        """On resume: the interrupted run's bindings hold again (a partition's first claimant keeps it)."""
+        for cid, ident in identities.items():
+            cid, ident = int(cid), str(ident)
+            self.bound[cid] = ident
+            if ident.startswith("node:") and ident[len("node:"):].isdigit():
+                self.bound_node[cid] = int(ident[len("node:"):])
 
     # --- Transport ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -203,4 +285,6 @@ class FlowerTransport(Transport):
             "flower_downlink_message_bytes": fl_wire,
             "flower_uplink_message_bytes": up_wire,
         }
+        if self._new_refusals:  # nodes refused since the last round (start() included): once each
+            ex.fields["identity_refused"], self._new_refusals = self._new_refusals, []
         return ex
