@@ -27,7 +27,8 @@ from ..transport import Exchange, Transport
 log = logging.getLogger("deltamask")
 
 #: test hook: called as fault(round, client_id) before a client's update; may raise, sleep, or return
-#: bytes that replace the client's reply payload, or a function payload -> bytes to send instead
+#: bytes that replace the client's reply payload, or a function payload -> bytes to send instead, or a
+#: ``deltamask.faults.Attack`` (poisons the client's data and/or forges its whole reply)
 FaultHook = Callable[[int, int], "bytes | Callable[[bytes], bytes] | None"]
 
 __all__ = ["LocalTransport", "resume_config", "run_local"]
@@ -57,8 +58,11 @@ class LocalTransport(Transport):
                 forged = self.fault(round_, cid) if self.fault is not None else None
                 if data.num_samples == 0:
                     raise ClientFailure("client has no training data")
-                reply = self.exp.method.client_update(payload, data, ctx)
-                if forged is not None:
+                attack = forged if hasattr(forged, "forge_reply") else None  # deltamask.faults.Attack (tests)
+                reply = self.exp.method.client_update(payload, attack.poison_data(data) if attack else data, ctx)
+                if attack is not None:
+                    reply = attack.forge_reply(reply, ctx, self.exp.method)
+                elif forged is not None:
                     sent = forged(reply.payload) if callable(forged) else forged
                     reply = Reply(cid, sent, reply.num_samples, reply.metrics)
             except Exception as e:  # noqa: BLE001 - a crashing client must not end the run
