@@ -82,6 +82,21 @@ def test_raising_malformed_and_silent_clients_are_dropped(tmp_path, caplog) -> N
     assert "client 0 dropped: RuntimeError" in logged and "client 2 dropped: no reply" in logged
 
 
+def test_forged_envelopes_through_the_flower_transport_are_rejected(tmp_path) -> None:
+    """A node that claims 10^9 samples or sends NaN metrics is rejected by the round driver with its reason;
+    the other nodes' round goes on and the model stays finite."""
+    defaults = {**TINY, "rounds": 2, "clients-per-round": 3, "weighted": True, "out-dir": str(tmp_path), "node-wait-timeout": 0}
+    fault = ScriptedFault(((1, 0, "forged-samples"), (2, 1, "forged-metrics")))
+    summary = run_server(LoopbackGrid(make_client_app(defaults, fault=fault), 3), {}, defaults)
+    r1, r2 = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(f["client"], f["kind"]) for f in r1["failures"]] == [(0, "rejected")]
+    assert "num_samples 1000000000 claimed" in r1["failures"][0]["reason"]
+    assert [(f["client"], f["kind"]) for f in r2["failures"]] == [(1, "rejected")]
+    assert "not a finite number" in r2["failures"][0]["reason"]
+    assert r1["num_aggregated"] == 2 and r2["num_aggregated"] == 2
+    assert summary["status"] == "completed"
+
+
 def test_node_with_wrong_partition_config_is_left_out(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="deltamask")
     defaults = {**TINY, "rounds": 1, "head-warmup-rounds": 1, "clients-per-round": 3, "out-dir": str(tmp_path), "node-wait-timeout": 0}

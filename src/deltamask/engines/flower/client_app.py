@@ -120,6 +120,10 @@ def make_client_app(defaults: dict[str, Any] | None = None, fault: FaultHook | N
         save_client_state(context.state, new_state)
         if action == "malformed":
             payload, stype = b"DMSK" + bytes(range(256)) * 3, None
+        elif action == "forged-samples":  # a hostile node's envelope (tests only): the server's count must win
+            n = 10**9
+        elif action == "forged-metrics":
+            metrics = {**metrics, "num_keys": float("nan"), "train_loss": float("inf")}
         elif action:  # a scripted payload fault (tests only): the real reply, forged
             from ...faults import forge
 

@@ -89,7 +89,8 @@ def uses_worker(node_config: Mapping[str, Any]) -> bool:
 @dataclass(frozen=True)
 class ScriptedFault:
     """Test hook: misbehave as scripted. ``script`` holds ``(round, client, kind)`` with kind ``raise``
-    (the update raises), ``malformed`` (the reply payload is garbage), ``hang:SECONDS`` (sleep, to
+    (the update raises), ``malformed`` (the reply payload is garbage), ``forged-samples`` /
+    ``forged-metrics`` (the reply claims 10^9 samples / NaN metrics), ``hang:SECONDS`` (sleep, to
     overrun the round timeout), ``exit`` (the ClientApp process dies), or a payload fault of
     :func:`deltamask.faults.forge` (the reply is computed, then forged). Picklable, so it reaches
     simulation workers. It runs in the ClientApp process, before any work is handed to a node worker."""
