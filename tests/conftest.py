@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch loads MKL: see deltamask/__init__.py
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/dmtest.py, for every test folder
