@@ -46,7 +46,7 @@ def attack(kind: str):  # noqa: ANN201
 @pytest.mark.parametrize(
     "kind, rounds, reason",
     [
-        ("all-flips", [2, 3], "over the cap max_flip_fraction"),
+        ("all-flips", [2, 3], "over the cap"),
         ("random-cap", [2, 3], "the round's median"),
         ("nan-head", [1], "non-finite"),
         ("huge-bias", [1], "beyond max_abs_param"),
@@ -115,17 +115,19 @@ def _indices_reply(count_of):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("over", [0, 1])
-def test_the_flip_cap_at_its_edge_through_a_run(tmp_path: Path, over: int) -> None:
-    """A reply with exactly floor(max_flip_fraction * N) flips is accepted, one more is rejected."""
-    cfg = cfg4(max_flip_fraction=0.01, flip_outlier=0.0)
-    s, recs = run(cfg, tmp_path, _indices_reply(lambda n: int(np.floor(0.01 * n)) + over))
+@pytest.mark.parametrize("fraction, cap_of", [(0.01, lambda n: int(np.floor(0.01 * n))), (0.0, lambda n: int(np.ceil(0.1 * n)))])
+def test_the_flip_cap_at_its_edge_through_a_run(tmp_path: Path, over: int, fraction: float, cap_of) -> None:  # noqa: ANN001
+    """A reply with exactly the cap's flips is accepted, one more is rejected: floor(max_flip_fraction * N), or
+    by default (0) the protocol's own bound ceil(kappa * N) (kappa = 0.1)."""
+    cfg = cfg4(max_flip_fraction=fraction, flip_outlier=0.0, kappa=0.1)
+    s, recs = run(cfg, tmp_path, _indices_reply(lambda n: cap_of(n) + over))
     fails = failures_of(recs, BAD)
     if over:
         assert [f["round"] for f in fails] == [2, 3] and all("over the cap" in f["reason"] for f in fails)
     else:
         assert fails == []
         flips = [c["flips"] for r in recs if r["phase"] == "mask" for c in r["clients"] if c["client"] == BAD]
-        assert flips and all(f == int(np.floor(0.01 * s["num_masked_params"])) for f in flips)
+        assert flips and all(f == cap_of(s["num_masked_params"]) for f in flips)
 
 
 def _head_bias(value: float):  # noqa: ANN202

@@ -180,7 +180,7 @@ def test_method_aggregate_equals_dense_path(tiny_net, overrides: dict) -> None: 
     from deltamask.codecs import codec_of, get_codec
     from deltamask.methods import Reply, create_method
 
-    cfg = tiny_config(**overrides)
+    cfg = tiny_config(**{"max_flip_fraction": 1.0, "flip_outlier": 0.0, **overrides})  # synthetic flips of 0.1-5% of N
     method = create_method(cfg, tiny_net)
     n = method.n
     rng = np.random.default_rng(len(str(overrides)))

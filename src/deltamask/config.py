@@ -66,7 +66,7 @@ class Config:
     min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
     max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too")
     # --- untrusted clients (robust.py; benchmarks/bench_attacks.py) ---
-    max_flip_fraction: float = _f(0.05, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected (honest: at most 0.5% of N on the default experiment; benchmarks/RESULTS.md)")
+    max_flip_fraction: float = _f(0.0, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected; 0 = the protocol's own bound ceil(kappa * N), which no honest client exceeds")
     flip_outlier: float = _f(3.0, "mask methods: a reply whose flips exceed this many times the round's median is rejected (3+ replies; honest max/median <= 1.1 measured; 0 = off)")
     clip_factor: float = _f(3.0, "heads and weight updates: each client's update is norm-clipped to this many times the round's median update norm (0 = off)")
     robust_mean: str = _f("mean", "coordinate-wise rule that combines heads and weight updates", ("mean", "median", "trimmed-mean"))
@@ -197,7 +197,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
     need(cfg.cache_ram_mb >= 0, "cache_ram_mb", "must be >= 0 (0 = no limit)")
-    need(0.0 < cfg.max_flip_fraction <= 1.0, "max_flip_fraction", "must be in (0, 1]")
+    need(0.0 <= cfg.max_flip_fraction <= 1.0, "max_flip_fraction", "must be in [0, 1] (0 = ceil(kappa * N))")
     need(cfg.flip_outlier == 0 or cfg.flip_outlier >= 1.0, "flip_outlier", "must be 0 (off) or >= 1 (a multiple of the round's median)")
     need(cfg.clip_factor == 0 or cfg.clip_factor >= 1.0, "clip_factor", "must be 0 (off) or >= 1 (a multiple of the round's median norm)")
     need(0.0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")

@@ -68,7 +68,7 @@ def forge(kind: str, payload: bytes) -> bytes:
 #: every attack of the catalogue; ``sybil`` (partition claims) is the Flower transport's (tests/flower)
 ATTACKS = (
     "all-flips",  # the index set names all N weights as flipped (73x an honest reply's bytes)
-    "random-cap",  # random flips exactly at the cap floor(max_flip_fraction * N)
+    "random-cap",  # random flips exactly at the cap (ceil(kappa * N) by default; max_flip_fraction)
     "anti-update",  # as many flips as the honest delta, on weights it keeps, where theta_g is most certain
     "nan-head",  # one NaN in the head (warm-up rounds, or train_head)
     "huge-bias",  # head bias[0] = 60000 (every prediction class 0)
@@ -137,7 +137,7 @@ class Attack:
             if k == "all-flips":
                 idx = np.arange(n, dtype=np.int64)
             elif k == "random-cap":
-                cap = int(np.floor(method.cfg.max_flip_fraction * n))
+                cap = min(int(method.flip_cap(ctx.round)), n)
                 idx = np.sort(rng.choice(n, size=cap, replace=False)).astype(np.int64)
             else:
                 honest = np.asarray(codec.decode(parts[i], expect_n=n), dtype=np.int64)

@@ -24,6 +24,7 @@ A failed check raises :class:`Rejected`; the method records it as that reply's `
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -80,22 +81,25 @@ def check_values(a: np.ndarray, bound: float, what: str) -> None:
             raise Rejected(f"{what} entry {i} is {float(flat[i]):g}, beyond max_abs_param={bound:g}")
 
 
-def flip_outliers(flips: Mapping[int, int], n: int, max_fraction: float | None, factor: float) -> dict[int, str]:
-    """Clients to reject for the number of mask entries they flip against the reference: over the cap
-    ``floor(max_fraction * n)`` (``None``: no cap), or over ``factor`` times the median of the round's
-    replies (3 or more; ``factor`` 0: off). Returns {client: reason}."""
+def flip_outliers(flips: Mapping[int, int], n: int, cap: int | None, factor: float, cap_name: str = "max_flip_fraction") -> dict[int, str]:
+    """Clients to reject for the number of mask entries they flip against the reference: over ``cap``
+    (``None``: no cap), or over ``factor`` times the median of the round's replies (3 or more; ``factor``
+    0: off). Returns {client: reason}."""
     out: dict[int, str] = {}
-    if max_fraction is not None:
-        cap = int(math.floor(max_fraction * n))
+    if cap is not None:
         for c, k in flips.items():
             if k > cap:
-                out[c] = f"flips {k} of {n} mask entries, over the cap max_flip_fraction={max_fraction:g} ({cap})"
+                out[c] = f"flips {k} of {n} mask entries, over the cap {cap} ({cap_name})"
     if factor and len(flips) >= 3:
         med = float(np.median(list(flips.values())))
         lim = factor * med
         for c, k in flips.items():
             if c not in out and k > lim:
                 out[c] = f"flips {k} mask entries, {k / max(med, 1):.1f}x the round's median {med:g} (flip_outlier={factor:g})"
+    if os.environ.get("DELTAMASK_DEBUG_FLIPS") and len(flips) >= 2:  # measurement aid (benchmarks)
+        with open(os.environ["DELTAMASK_DEBUG_FLIPS"], "a") as f:
+            med = float(np.median(list(flips.values())))
+            f.write(f"{n} {max(flips.values())} {med} {max(flips.values()) / max(med, 1):.3f}\n")
     return out
 
 

@@ -338,7 +338,7 @@ class MaskMethod(_HeadRounds):
                 dropped.append(reply_failure(r.client_id, "payload", e))
                 continue
             decoded.append((r, mask_part, update, stats, head))
-        outliers = flip_outliers(flips, self.n, self.flip_cap(), self.cfg.flip_outlier)
+        outliers = flip_outliers(flips, self.n, self.flip_cap(round_), self.cfg.flip_outlier, self.flip_cap_name())
         # pass 2: the accepted replies, in their order, into the posterior
         agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted, device=self.server_device())
         per_client: list[dict[str, Any]] = []
@@ -400,9 +400,12 @@ class MaskMethod(_HeadRounds):
             state.head_version += 1
         return info
 
-    def flip_cap(self) -> float | None:
-        """The largest fraction of the N weights one reply may flip (None: no cap for this method)."""
+    def flip_cap(self, round_: int) -> int | None:
+        """The most mask entries one reply may flip in ``round_`` (None: no cap for this method)."""
         return None
+
+    def flip_cap_name(self) -> str:
+        return "max_flip_fraction"
 
     @staticmethod
     def flip_count(update: tuple[str, Any], ref: list[np.ndarray], theta: np.ndarray) -> int:
@@ -519,8 +522,16 @@ class DeltaMask(MaskMethod):
     def mask_rounds(self) -> int:
         return max(self.cfg.rounds - self.cfg.head_warmup_rounds, 1)
 
-    def flip_cap(self) -> float | None:
-        return self.cfg.max_flip_fraction
+    def flip_cap(self, round_: int) -> int | None:
+        """``floor(max_flip_fraction * N)``, or by default (0) the protocol's own bound: an honest client sends
+        ``ceil(kappa * |delta|)`` of its ``|delta| <= N`` changed bits, so never more than ``ceil(kappa * N)``."""
+        if self.cfg.max_flip_fraction > 0:
+            return int(math.floor(self.cfg.max_flip_fraction * self.n))
+        kappa = kappa_at(self.cfg, round_ - self.cfg.head_warmup_rounds, self.mask_rounds())
+        return int(math.ceil(kappa * self.n))
+
+    def flip_cap_name(self) -> str:
+        return "max_flip_fraction" if self.cfg.max_flip_fraction > 0 else "ceil(kappa * N), the protocol's bound"
 
     def round_kappa(self, agg: Aggregation) -> float | None:
         if agg.phase != "mask" or not agg.clients:
