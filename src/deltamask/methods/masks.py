@@ -37,7 +37,7 @@ from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import ConfigError
-from ..robust import Combined, Rejected, check_count, check_values, clip_scales, combine, flip_outliers
+from ..robust import Rejected, check_count, check_values, clip_scales, combine, flip_outliers
 from ..server import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .theta_sync import ThetaSync, kl_floor_bits
 from .base import (
@@ -74,18 +74,6 @@ def reply_failure(client_id: int, what: str, e: BaseException) -> Failure:
     if isinstance(e, Rejected):
         return Failure(client_id, f"rejected {what}: {e}", "rejected")
     return Failure(client_id, f"rejected {what}: {type(e).__name__}: {e}", "rejected")
-
-
-def clip_records(ids: list[int], res: Any) -> list[dict[str, Any]]:
-    """Per client: its update's norm, and where it was clipped the scale applied (robust.combine)."""
-    out = []
-    for cid, nrm, sc in zip(ids, res.norms, res.scales):
-        rec: dict[str, Any] = {"client": cid, "update_norm": nrm}
-        if sc != 1.0:
-            rec["clipped"] = sc
-            rec["clip_reason"] = f"update norm {nrm:.4g} over clip_factor x median = {nrm * sc:.4g}"
-        out.append(rec)
-    return out
 
 
 class _HeadRounds(Method):
@@ -144,24 +132,41 @@ class _HeadRounds(Method):
         return w, b
 
     def combine_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int]) -> list[dict[str, Any]]:
-        """The new global head from the clients' heads (robust.combine: clipping and the configured rule);
-        returns the per-client record (update norm, clip scale where clipped)."""
+        """The new global head from the clients' heads: each client's weight and bias updates norm-clipped,
+        each to ``clip_factor`` times the round's median of that tensor's update norms (a bias pushed hard
+        is clipped against the other biases, not hidden in the weight matrix's larger norm), then combined by
+        ``robust_mean``. Returns the per-client record (update norms, the scales where clipped)."""
         cfg = self.cfg
-        c, d = state.head_weight.shape
-        flat = [np.concatenate([h[0].reshape(-1), h[1].reshape(-1)]) for h in heads]
-        base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)]).astype(np.float64)
-        norms = [float(np.linalg.norm(f.astype(np.float64) - base)) for f in flat]
-        scales, med = clip_scales(norms, cfg.clip_factor)
-        if cfg.robust_mean == "mean" and all(sc == 1.0 for sc in scales):
+        w_g, b_g = state.head_weight.astype(np.float64), state.head_bias.astype(np.float64)
+        nw = [float(np.linalg.norm(h[0].astype(np.float64) - w_g)) for h in heads]
+        nb = [float(np.linalg.norm(h[1].astype(np.float64) - b_g)) for h in heads]
+        sw, _ = clip_scales(nw, cfg.clip_factor)
+        sb, _ = clip_scales(nb, cfg.clip_factor)
+        if cfg.robust_mean == "mean" and all(x == 1.0 for x in sw + sb):
             # nothing clipped: exactly the plain FedAvg of the heads as sent
             state.head_weight = fedavg([h[0] for h in heads], weights)
             state.head_bias = fedavg([h[1] for h in heads], weights)
-            res = Combined(state.head_bias, norms, scales, med)
         else:
-            res = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, cfg.clip_factor)
-            state.head_weight = res.value[: c * d].reshape(c, d).copy()
-            state.head_bias = res.value[c * d :].copy()
-        return clip_records(ids, res)
+            ws = [h[0] if s_ == 1.0 else (w_g + s_ * (h[0].astype(np.float64) - w_g)).astype(np.float32) for h, s_ in zip(heads, sw)]
+            bs = [h[1] if s_ == 1.0 else (b_g + s_ * (h[1].astype(np.float64) - b_g)).astype(np.float32) for h, s_ in zip(heads, sb)]
+            if cfg.robust_mean == "mean":
+                state.head_weight, state.head_bias = fedavg(ws, weights), fedavg(bs, weights)
+            else:
+                c, d = state.head_weight.shape
+                flat = [np.concatenate([w.reshape(-1), b.reshape(-1)]) for w, b in zip(ws, bs)]
+                base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)])
+                value = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, 0.0).value
+                state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
+        out = []
+        for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb):
+            rec: dict[str, Any] = {"client": cid, "update_norm": float(np.hypot(a, b_)), "weight_norm": a, "bias_norm": b_}
+            why = [f"{name} update norm {n_:.4g} clipped to {n_ * s_:.4g} (clip_factor x the round's median)"
+                   for name, n_, s_ in (("weight", a, x), ("bias", b_, y)) if s_ != 1.0]
+            if why:
+                rec["clipped"] = min(x, y)
+                rec["clip_reason"] = "; ".join(why)
+            out.append(rec)
+        return out
 
 
 class LinearProbe(_HeadRounds):
