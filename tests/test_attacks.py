@@ -240,3 +240,60 @@ def test_fedavg_scaled_update_is_clipped(tmp_path: Path) -> None:
     for r in recs[1:]:
         c = {x["client"]: x for x in r["clients"]}
         assert "clipped" in c[BAD] and all("clipped" not in c[i] for i in (0, 2, 3))
+
+
+def _golomb_overflow(payload: bytes) -> bytes:
+    """An exact index set whose Rice parameter 62 makes the second gap overflow int64 (found in review):
+    it once decoded to [0, -9223372036854775807] and crashed the aggregation."""
+    from deltamask.codecs.container import pack, unpack
+    from deltamask.codecs.exact import _GOLOMB_PARAMS, GolombRiceCodec
+
+    parts = split_bundle(payload)
+    if codec_of(parts[-1]).kind != "indices":
+        return payload
+    n = unpack(parts[-1]).n
+    unary = np.packbits(np.array([1, 0, 0, 1], np.uint8), bitorder="little").tobytes()
+    return join_bundle([*parts[:-1], pack(GolombRiceCodec.codec_id, n, 2, unary + bytes(16), _GOLOMB_PARAMS.pack(62, 4))])
+
+
+def test_an_overflowing_index_set_is_dropped_not_a_crash(tmp_path: Path) -> None:
+    from deltamask.codecs import CodecError
+
+    forged = _golomb_overflow(get_codec("golomb").encode(np.arange(3, dtype=np.int64), 1000))
+    with pytest.raises(CodecError, match="not increasing"):
+        codec_of(forged).decode(forged, expect_n=1000)
+    s, recs = run(cfg4(), tmp_path, lambda rnd, cid: _golomb_overflow if cid == BAD else None)
+    fails = failures_of(recs, BAD)
+    assert s["status"] == "completed" and [f["round"] for f in fails] == [2, 3]
+    assert all(f["kind"] == "malformed" and "not increasing" in f["reason"] for f in fails)
+
+
+def test_signsgd_vote_refuses_coordinate_rules_and_negative_scales(tmp_path: Path) -> None:
+    from deltamask.config import ConfigError
+    from deltamask.experiment import build_experiment
+
+    with pytest.raises(ConfigError, match="robust_mean"):
+        build_experiment(cfg4(method="signsgd", signsgd_mode="vote", robust_mean="median"))
+
+    def negative(payload: bytes) -> bytes:
+        codec = codec_of(payload)
+        signs, scale = codec.decode_signs(payload)
+        return codec.encode(signs.astype(np.float32), scale=-1e4)
+
+    s, recs = run(cfg4(method="signsgd", signsgd_mode="vote"), tmp_path, lambda rnd, cid: negative if cid == BAD and rnd > 1 else None)
+    fails = failures_of(recs, BAD)
+    assert s["status"] == "completed" and [f["round"] for f in fails] == [2, 3]
+    assert all(f["kind"] == "rejected" and "scale" in f["reason"] for f in fails)
+
+
+def test_a_reply_for_an_empty_partition_is_rejected() -> None:
+    from types import SimpleNamespace
+
+    from deltamask.methods import Reply
+    from deltamask.round import screen_replies
+
+    exp = SimpleNamespace(client_sizes=[5, 0])
+    good, bad = screen_replies(exp, [Reply(0, b"", 5, {}), Reply(1, b"", 0, {}), Reply(2, b"", 1, {}), Reply(0, b"", 5, {"x": 10**400})])
+    assert [r.client_id for r in good] == [0]
+    assert [(f.client, f.kind) for f in bad] == [(1, "rejected"), (2, "rejected"), (0, "rejected")]
+    assert "empty" in bad[0].reason and "outside" in bad[1].reason

@@ -24,13 +24,12 @@ A failed check raises :class:`Rejected`; the method records it as that reply's `
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from .server import fedavg
+from .server import CHUNK, fedavg
 
 #: the most a reply's metrics may hold (they are written to metrics.jsonl): more is not a client's report
 MAX_METRICS = 64
@@ -90,16 +89,12 @@ def flip_outliers(flips: Mapping[int, int], n: int, cap: int | None, factor: flo
         for c, k in flips.items():
             if k > cap:
                 out[c] = f"flips {k} of {n} mask entries, over the cap {cap} ({cap_name})"
-    if factor and len(flips) >= 3:
+    if factor and len(flips) >= 3 and float(np.median(list(flips.values()))) > 0:  # a median of 0 bounds nothing
         med = float(np.median(list(flips.values())))
         lim = factor * med
         for c, k in flips.items():
             if c not in out and k > lim:
                 out[c] = f"flips {k} mask entries, {k / max(med, 1):.1f}x the round's median {med:g} (flip_outlier={factor:g})"
-    if os.environ.get("DELTAMASK_DEBUG_FLIPS") and len(flips) >= 2:  # measurement aid (benchmarks)
-        with open(os.environ["DELTAMASK_DEBUG_FLIPS"], "a") as f:
-            med = float(np.median(list(flips.values())))
-            f.write(f"{n} {max(flips.values())} {med} {max(flips.values()) / max(med, 1):.3f}\n")
     return out
 
 
@@ -142,13 +137,17 @@ def combine(
     if rule == "mean":
         value = fedavg(clipped, weights)
     elif rule in ("median", "trimmed-mean"):
-        stack = np.stack([c.astype(np.float64) for c in clipped])
-        k = stack.shape[0]
+        k = len(clipped)
         t = max(1, int(math.floor(trim * k))) if rule == "trimmed-mean" else 0
-        if rule == "median" or k - 2 * t < 1:
-            value = np.median(stack, axis=0).astype(np.float32)
-        else:
-            value = np.sort(stack, axis=0)[t : k - t].mean(axis=0).astype(np.float32)
+        flat = [c.reshape(-1) for c in clipped]
+        value = np.empty(flat[0].size, np.float32)
+        for lo in range(0, value.size, CHUNK):  # K x CHUNK float64 at a time, not K x P
+            stack = np.stack([f[lo : lo + CHUNK].astype(np.float64) for f in flat])
+            if rule == "median" or k - 2 * t < 1:
+                value[lo : lo + CHUNK] = np.median(stack, axis=0)
+            else:
+                value[lo : lo + CHUNK] = np.sort(stack, axis=0)[t : k - t].mean(axis=0)
+        value = value.reshape(clipped[0].shape)
     else:
         raise ValueError(f"unknown robust rule {rule!r}; valid: mean, median, trimmed-mean")
     return Combined(value, norms, scales, med)

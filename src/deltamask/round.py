@@ -140,9 +140,12 @@ def screen_replies(exp: Experiment, replies: list[Reply]) -> tuple[list[Reply], 
         try:
             if not 0 <= r.client_id < len(sizes):
                 raise Rejected(f"client id {r.client_id} is outside [0, {len(sizes)})")
+            if sizes[r.client_id] <= 0:
+                raise Rejected(f"client {r.client_id}'s partition is empty: it cannot have trained")
             screen_reply(r.client_id, r.num_samples, r.metrics, sizes[r.client_id])
-        except Rejected as e:
-            bad.append(Failure(r.client_id, f"rejected reply: {e}", "rejected"))
+        except Exception as e:  # noqa: BLE001 - anything a reply carries that does not check out rejects it
+            why = str(e) if isinstance(e, Rejected) else f"{type(e).__name__}: {e}"
+            bad.append(Failure(r.client_id, f"rejected reply: {why}"[:500], "rejected"))
             continue
         good.append(Reply(r.client_id, r.payload, int(sizes[r.client_id]), dict(r.metrics)))
     return good, bad

@@ -200,7 +200,7 @@ def test_with_public_keys_the_key_is_the_identity() -> None:
     grid = ClaimGrid({7: 1, 3: 0}, keys={7: k7, 3: b"k3"})
     t = transport(grid)
     t.discover(0.0)
-    assert t.identities()[1] == f"key:{hashlib.sha256(k7).hexdigest()}"
+    assert t.identities()[1] == f"key:{hashlib.sha256(k7).hexdigest()}@7"  # the key, and the node that claimed it
     saved = t.identities()
     t2 = transport(grid := ClaimGrid({8: 1, 70: 1, 3: 0}, keys={8: k8, 70: k7, 3: b"k3"}))
     t2.bind(saved)
@@ -208,7 +208,7 @@ def test_with_public_keys_the_key_is_the_identity() -> None:
     assert t2.node_of[1] == 70 and set(t2.refused) == {8}
     assert "node 8" in t2.refused[8] and hashlib.sha256(k7).hexdigest() in t2.refused[8]
     (rec,) = refusals(t2)
-    assert rec["node"] == 8 and rec["bound_node"] is None  # the key's first node id is not in the run state
+    assert rec["node"] == 8 and rec["bound_node"] == 7  # both node ids, also after a resume
 
 
 def test_a_bound_node_the_superlink_lost_is_asked_again() -> None:

@@ -116,6 +116,8 @@ class GolombRiceCodec(IndexCodec):
         idx = np.cumsum(gaps + 1) - 1
         if idx[-1] >= n:
             raise CodecError(f"golomb: decoded index {idx[-1]} is outside [0, {n})")
+        if gaps.min() < 0 or idx[0] < 0 or (idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
+            raise CodecError("golomb: decoded indices are not increasing within [0, n) (a gap overflowed): the payload is forged or corrupted")
         return idx
 
     def estimate_bits(self, k: int, n: int) -> float:
@@ -249,6 +251,8 @@ class AnsIndexCodec(IndexCodec):
         idx = np.cumsum(gaps + 1) - 1
         if idx[-1] >= n:
             raise CodecError(f"ans: decoded index {idx[-1]} is outside [0, {n})")
+        if gaps.min() < 0 or idx[0] < 0 or (idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
+            raise CodecError("ans: decoded indices are not increasing within [0, n) (a gap overflowed): the payload is forged or corrupted")
         return idx
 
     def estimate_bits(self, k: int, n: int) -> float:

@@ -41,6 +41,7 @@ from .. import seeding
 from ..codecs import CodecError, get_codec
 from ..codecs.quant import DriveCodec, EdenCodec, QSGDCodec, SignCodec, TopKCodec
 from ..config import ConfigError
+from ..robust import Rejected
 from .base import ClientContext, Reply
 from .weights import WeightMethod
 
@@ -99,6 +100,16 @@ class SignSGD(WeightMethod):
         self.codec = SignCodec()
         self.mode = cfg.signsgd_mode
         self.client_memory = self.mode == "ef"  # error-feedback buffers live on the clients
+        if self.mode == "vote" and cfg.robust_mean != "mean":
+            raise ConfigError("config key 'robust_mean': signsgd_mode=vote is itself a coordinate-wise majority vote; "
+                              "use robust_mean=mean (clip_factor still bounds each client's scale)")
+
+    def validate_payload(self, payload: bytes) -> None:
+        """Vote mode: a client's scale must be finite and >= 0 (a negative one would reverse the step)."""
+        if self.mode == "vote":
+            _, scale = self.codec.decode_signs(payload, expect_n=self.p)
+            if not (np.isfinite(scale) and 0 <= scale <= self.cfg.max_abs_param):
+                raise Rejected(f"signSGD scale {scale!r} is not in [0, max_abs_param={self.cfg.max_abs_param:g}]")
 
     def compress(self, u, ctx):  # type: ignore[no-untyped-def]
         if self.mode == "vote":
@@ -113,10 +124,12 @@ class SignSGD(WeightMethod):
             return super().server_update(estimates, weights, replies, round_)
         tally = np.zeros(self.p, np.float64)
         scales = []
-        for r, w in zip(replies, weights):
+        for r, w, est in zip(replies, weights, estimates):
             signs, scale = self.codec.decode_signs(r.payload, expect_n=self.p)
             tally += signs
-            scales.append((scale, w))
+            # the scale as clipped (robust_update): |est| = scale everywhere; the payload's own where not clipped
+            clipped = est.size and abs(est[0]) != np.float32(scale)
+            scales.append((float(abs(est[0])) if clipped else scale, w))
         rng = seeding.rng(self.cfg.seed, round_, -1, "compress")
         coin = np.where(rng.random(self.p) < 0.5, -1.0, 1.0)
         vote = np.where(tally > 0, 1.0, np.where(tally < 0, -1.0, coin))

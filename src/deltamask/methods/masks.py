@@ -66,6 +66,21 @@ def _bits(b: bytes) -> int:
     return 8 * len(b)
 
 
+def _compact(update: tuple[str, Any]) -> tuple[str, Any]:
+    """A decoded update as held between the two passes of :meth:`MaskMethod.aggregate`: a dense filter flip
+    mask as its sorted indices (members: keys plus false positives), a whole mask bit-packed."""
+    kind, data = update
+    if kind == "flip_mask":
+        if isinstance(data, np.ndarray):
+            return "flips", np.flatnonzero(data)
+        import torch
+
+        return "flips", torch.nonzero(data).flatten().cpu().numpy()
+    if kind == "mask":
+        return "mask", np.packbits(np.asarray(data, dtype=bool))
+    return update
+
+
 def reply_failure(client_id: int, what: str, e: BaseException) -> Failure:
     """One reply's typed failure: a payload that does not decode is ``malformed``; one that decodes but
     fails a check, or whose processing raised anything else, is ``rejected`` (never a crash of the run)."""
@@ -339,6 +354,7 @@ class MaskMethod(_HeadRounds):
                     stats["bound_bits"] = log2_binomial(self.n, keys)
                     stats["num_keys"] = keys
                 flips[r.client_id] = self.flip_count(update, ref, state.theta)
+                update = _compact(update)  # held until pass 2: indices or packed bits, not K dense masks
             except Exception as e:  # noqa: BLE001 - one reply never ends the run
                 dropped.append(reply_failure(r.client_id, "payload", e))
                 continue
@@ -353,6 +369,17 @@ class MaskMethod(_HeadRounds):
             if r.client_id in outliers:
                 dropped.append(Failure(r.client_id, f"rejected payload: {outliers[r.client_id]}", "rejected"))
                 continue
+            kind, data = update
+            try:  # each add checks its input before it changes the counts
+                if kind == "flips":
+                    agg.add_flips(data, r.num_samples)
+                elif kind == "flip_mask":
+                    agg.add_flip_mask(data, r.num_samples)
+                else:
+                    agg.add(np.unpackbits(data, count=self.n).astype(bool), r.num_samples)
+            except Exception as e:  # noqa: BLE001 - one reply never ends the run
+                dropped.append(reply_failure(r.client_id, "payload", e))
+                continue
             stats.update({"client": r.client_id, "bits": _bits(r.payload), "bpp": _bits(r.payload) / self.n, "codec": codec_of(mask_part).name,
                           "flips": flips[r.client_id]})
             if "kl_floor_bits" in r.metrics:
@@ -363,13 +390,6 @@ class MaskMethod(_HeadRounds):
                 heads.append(head)
                 head_w.append(r.num_samples if self.cfg.weighted else 1.0)
                 head_ids.append(r.client_id)
-            kind, data = update
-            if kind == "flips":
-                agg.add_flips(data, r.num_samples)
-            elif kind == "flip_mask":
-                agg.add_flip_mask(data, r.num_samples)
-            else:
-                agg.add(data, r.num_samples)
         info = Aggregation("mask", len(per_client), dropped, clients=per_client)
         if len(per_client) < self.cfg.min_replies:
             info.skipped = True
@@ -533,7 +553,14 @@ class DeltaMask(MaskMethod):
         if self.cfg.max_flip_fraction > 0:
             return int(math.floor(self.cfg.max_flip_fraction * self.n))
         kappa = kappa_at(self.cfg, round_ - self.cfg.head_warmup_rounds, self.mask_rounds())
-        return int(math.ceil(kappa * self.n))
+        cap = int(math.ceil(kappa * self.n))
+        # a filter's members are its keys plus false positives (rate 2^-fp_bits of the other N - k): allow
+        # their expectation plus 8 standard deviations
+        fp = max((2.0 ** -c.fp_bits for c in getattr(self.index_codec, "codecs", [self.index_codec]) if c.lossy), default=0.0)
+        if fp:
+            mean = fp * (self.n - cap)
+            cap += int(math.ceil(mean + 8 * math.sqrt(mean) + 1))
+        return cap
 
     def flip_cap_name(self) -> str:
         return "max_flip_fraction" if self.cfg.max_flip_fraction > 0 else "ceil(kappa * N), the protocol's bound"

@@ -99,6 +99,9 @@ class WeightMethod(_HeadRounds):
         """The global update from the round's decoded client updates (default: their mean)."""
         return fedavg(estimates, weights)
 
+    def validate_payload(self, payload: bytes) -> None:
+        """Method-specific checks of one reply before it is decoded for aggregation (raise Rejected)."""
+
     def robust_update(self, ests: list[np.ndarray], weights: list[float], replies: list[Reply], round_: int, per_client: list[dict[str, Any]]) -> np.ndarray:
         """The global update under the robust options: updates norm-clipped to ``clip_factor`` times the
         round's median norm, then the method's own rule (``robust_mean=mean``) or the coordinate-wise
@@ -196,6 +199,7 @@ class WeightMethod(_HeadRounds):
         ests, weights, good, per_client, dropped = [], [], [], [], []
         for r in replies:
             try:
+                self.validate_payload(r.payload)
                 est = self.decompress(r.payload)
                 check_values(est, self.cfg.max_abs_param, "update")
             except Exception as e:  # noqa: BLE001 - one reply never ends the run

@@ -211,15 +211,19 @@ class FlowerTransport(Transport):
 
     # --- identities --------------------------------------------------------------------------------
     def identities(self) -> dict[int, str]:
-        """client id -> identity bound to it (``key:<sha256 hex>`` or ``node:<id>``), saved with the run state."""
-        return dict(self.bound)
+        """client id -> identity bound to it (``key:<sha256 hex>`` or ``node:<id>``) and, after ``@``, the node
+        id that claimed it (so a refusal after resume still names both nodes); saved with the run state."""
+        return {c: f"{i}@{self.bound_node[c]}" if i.startswith("key:") and c in self.bound_node else i for c, i in self.bound.items()}
 
     def bind(self, identities: dict[int, str]) -> None:
         """On resume: the interrupted run's bindings hold again (a partition's first claimant keeps it)."""
-        for cid, ident in identities.items():
-            cid, ident = int(cid), str(ident)
+        for cid, saved in identities.items():
+            cid = int(cid)
+            ident, _, nid = str(saved).partition("@")
             self.bound[cid] = ident
-            if ident.startswith("node:") and ident[len("node:"):].isdigit():
+            if nid.isdigit():
+                self.bound_node[cid] = int(nid)
+            elif ident.startswith("node:") and ident[len("node:"):].isdigit():
                 self.bound_node[cid] = int(ident[len("node:"):])
 
     # --- Transport ---------------------------------------------------------------------------------
@@ -265,9 +269,9 @@ class FlowerTransport(Transport):
                 kind = "node-lost" if code == ErrorCode.NODE_UNAVAILABLE else "error"
                 ex.failures[cid] = Failure(cid, f"Flower error {code} from node {nid}: {_last_line(reply.error.reason)}", kind, nid)
                 continue
-            up_rec += record_bytes(reply.content)
-            up_wire += wire_bytes(reply)
             try:
+                up_rec += record_bytes(reply.content)
+                up_wire += wire_bytes(reply)
                 meta = unpack_meta(reply.content)
                 if "error" in meta:
                     ex.failures[cid] = Failure(cid, str(meta["error"]), "error", nid)
@@ -277,8 +281,8 @@ class FlowerTransport(Transport):
                 payload = unpack_payload(reply.content)
                 metrics = reply.content.get(METRICS_KEY)
                 ex.replies[cid] = Reply(cid, payload, int(meta["num-samples"]), {k: float(v) for k, v in (metrics or {}).items()})
-            except (RecordError, KeyError, ValueError, TypeError) as e:
-                ex.failures[cid] = Failure(cid, f"reply does not unpack: {type(e).__name__}: {e}", "transport", nid)
+            except Exception as e:  # noqa: BLE001 - whatever a node sends, one reply never ends the run
+                ex.failures[cid] = Failure(cid, f"reply does not unpack: {type(e).__name__}: {e}"[:500], "transport", nid)
         ex.fields = {
             "flower_downlink_record_bytes": fl_rec,
             "flower_uplink_record_bytes": up_rec,
