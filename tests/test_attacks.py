@@ -297,3 +297,27 @@ def test_a_reply_for_an_empty_partition_is_rejected() -> None:
     assert [r.client_id for r in good] == [0]
     assert [(f.client, f.kind) for f in bad] == [(1, "rejected"), (2, "rejected"), (0, "rejected")]
     assert "empty" in bad[0].reason and "outside" in bad[1].reason
+
+
+@pytest.mark.parametrize("codec", ["fuse8", "fuse8-4w", "ans"])
+def test_an_honest_reply_at_the_kappa_bound_is_accepted_whatever_the_codec(codec: str) -> None:
+    """The most an honest client sends is ceil(kappa * N) keys; a filter's members add its false positives
+    (2^-8 of the other weights), which the default cap allows for."""
+    from deltamask.experiment import build_experiment
+    from deltamask.methods import Reply
+
+    cfg = cfg4(codec=codec, kappa=0.005, flip_outlier=0.0)
+    exp = build_experiment(cfg, test=False)
+    method = exp.method
+    state = method.init_state()
+    rnd = cfg.head_warmup_rounds + 1
+    n, keys = method.n, int(np.ceil(0.005 * method.n))
+    rng = np.random.default_rng(0)
+    replies = []
+    for cid in range(3):
+        idx = np.sort(rng.choice(n, size=keys, replace=False)).astype(np.int64)
+        replies.append(Reply(cid, method.index_codec.encode(idx, n, seed=cid), 50))
+    agg = method.aggregate(state, replies, rnd)
+    assert not agg.dropped and agg.num_good == 3
+    if codec.startswith("fuse"):
+        assert max(c["flips"] for c in agg.clients) > keys  # false positives on top of the keys
