@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default=None, help="a config preset (default: the default experiment)")
-    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides on top of the preset")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], help="key=value overrides on top of the preset (repeatable)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--attacks", nargs="+", default=None, help="default: every attack that applies to deltamask")
     ap.add_argument("--malicious", type=int, nargs="+", default=[1, 3])

@@ -137,7 +137,7 @@ class Attack:
             if k == "all-flips":
                 idx = np.arange(n, dtype=np.int64)
             elif k == "random-cap":
-                cap = min(int(method.flip_cap(ctx.round)), n)
+                cap = min(int(method.flip_cap(ctx.round, codec.lossy)), n)
                 idx = np.sort(rng.choice(n, size=cap, replace=False)).astype(np.int64)
             else:
                 honest = np.asarray(codec.decode(parts[i], expect_n=n), dtype=np.int64)

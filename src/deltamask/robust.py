@@ -80,15 +80,16 @@ def check_values(a: np.ndarray, bound: float, what: str) -> None:
             raise Rejected(f"{what} entry {i} is {float(flat[i]):g}, beyond max_abs_param={bound:g}")
 
 
-def flip_outliers(flips: Mapping[int, int], n: int, cap: int | None, factor: float, cap_name: str = "max_flip_fraction") -> dict[int, str]:
-    """Clients to reject for the number of mask entries they flip against the reference: over ``cap``
-    (``None``: no cap), or over ``factor`` times the median of the round's replies (3 or more; ``factor``
-    0: off). Returns {client: reason}."""
+def flip_outliers(flips: Mapping[int, int], n: int, cap: int | Mapping[int, int | None] | None, factor: float,
+                  cap_name: str = "max_flip_fraction") -> dict[int, str]:
+    """Clients to reject for the number of mask entries they flip against the reference: over ``cap`` (one
+    for all, or per client; ``None``: no cap), or over ``factor`` times the median of the round's replies
+    (3 or more; ``factor`` 0: off). Returns {client: reason}."""
     out: dict[int, str] = {}
-    if cap is not None:
-        for c, k in flips.items():
-            if k > cap:
-                out[c] = f"flips {k} of {n} mask entries, over the cap {cap} ({cap_name})"
+    for c, k in flips.items():
+        lim = cap.get(c) if isinstance(cap, Mapping) else cap
+        if lim is not None and k > lim:
+            out[c] = f"flips {k} of {n} mask entries, over the cap {lim} ({cap_name})"
     if factor and len(flips) >= 3 and float(np.median(list(flips.values()))) > 0:  # a median of 0 bounds nothing
         med = float(np.median(list(flips.values())))
         lim = factor * med

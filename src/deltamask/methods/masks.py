@@ -335,6 +335,7 @@ class MaskMethod(_HeadRounds):
         decoded: list[tuple[Reply, bytes, tuple[str, Any], dict[str, Any], Any]] = []
         dropped: list[Failure] = []
         flips: dict[int, int] = {}
+        caps: dict[int, int | None] = {}
         ref: list[np.ndarray] = []  # [theta_g >= 0.5], computed once if a dense mask needs it
         for r in replies:
             try:
@@ -354,12 +355,13 @@ class MaskMethod(_HeadRounds):
                     stats["bound_bits"] = log2_binomial(self.n, keys)
                     stats["num_keys"] = keys
                 flips[r.client_id] = self.flip_count(update, ref, state.theta)
+                caps[r.client_id] = self.flip_cap(round_, codec_of(mask_part).lossy)
                 update = _compact(update)  # held until pass 2: indices or packed bits, not K dense masks
             except Exception as e:  # noqa: BLE001 - one reply never ends the run
                 dropped.append(reply_failure(r.client_id, "payload", e))
                 continue
             decoded.append((r, mask_part, update, stats, head))
-        outliers = flip_outliers(flips, self.n, self.flip_cap(round_), self.cfg.flip_outlier, self.flip_cap_name())
+        outliers = flip_outliers(flips, self.n, caps, self.cfg.flip_outlier, self.flip_cap_name())
         # pass 2: the accepted replies, in their order, into the posterior
         agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted, device=self.server_device())
         per_client: list[dict[str, Any]] = []
@@ -425,8 +427,9 @@ class MaskMethod(_HeadRounds):
             state.head_version += 1
         return info
 
-    def flip_cap(self, round_: int) -> int | None:
-        """The most mask entries one reply may flip in ``round_`` (None: no cap for this method)."""
+    def flip_cap(self, round_: int, lossy: bool = False) -> int | None:
+        """The most mask entries one reply may flip in ``round_`` (None: no cap for this method); ``lossy``:
+        the reply is a filter, whose members include false positives."""
         return None
 
     def flip_cap_name(self) -> str:
@@ -547,9 +550,10 @@ class DeltaMask(MaskMethod):
     def mask_rounds(self) -> int:
         return max(self.cfg.rounds - self.cfg.head_warmup_rounds, 1)
 
-    def flip_cap(self, round_: int) -> int | None:
+    def flip_cap(self, round_: int, lossy: bool = False) -> int | None:
         """``floor(max_flip_fraction * N)``, or by default (0) the protocol's own bound: an honest client sends
-        ``ceil(kappa * |delta|)`` of its ``|delta| <= N`` changed bits, so never more than ``ceil(kappa * N)``."""
+        ``ceil(kappa * |delta|)`` of its ``|delta| <= N`` changed bits, so never more than ``ceil(kappa * N)``;
+        for a filter (``lossy``) plus its false positives."""
         if self.cfg.max_flip_fraction > 0:
             return int(math.floor(self.cfg.max_flip_fraction * self.n))
         kappa = kappa_at(self.cfg, round_ - self.cfg.head_warmup_rounds, self.mask_rounds())
@@ -557,7 +561,7 @@ class DeltaMask(MaskMethod):
         # a filter's members are its keys plus false positives (rate 2^-fp_bits of the other N - k): allow
         # their expectation plus 8 standard deviations
         fp = max((2.0 ** -c.fp_bits for c in getattr(self.index_codec, "codecs", [self.index_codec]) if c.lossy), default=0.0)
-        if fp:
+        if fp and lossy:
             mean = fp * (self.n - cap)
             cap += int(math.ceil(mean + 8 * math.sqrt(mean) + 1))
         return cap
