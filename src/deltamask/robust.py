@@ -118,6 +118,26 @@ def clip_scales(norms: list[float], factor: float) -> tuple[list[float], float]:
     return [lim / x if x > lim else 1.0 for x in norms], med
 
 
+def clip_to_median(items: list[np.ndarray], base: np.ndarray, factor: float) -> tuple[list[np.ndarray], list[float], list[float]]:
+    """Each client's update ``item - base`` norm-clipped to ``factor`` times the round's median update norm:
+    (the items as clipped, ``base + s * (item - base)``, and the very same arrays where untouched; their
+    update norms; the scales, 1.0 where untouched)."""
+    base64 = base.astype(np.float64)
+    norms = [float(np.linalg.norm(it.astype(np.float64) - base64)) for it in items]
+    scales, _ = clip_scales(norms, factor)
+    clipped = [it if s == 1.0 else (base64 + s * (it.astype(np.float64) - base64)).astype(np.float32) for it, s in zip(items, scales)]
+    return clipped, norms, scales
+
+
+def clip_fields(parts: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """A client's record of what was clipped, from ``(what, update norm, scale)`` per clipped tensor: the
+    smallest scale and the reason; {} where nothing was."""
+    why = [f"{name} norm {n:.4g} clipped to {n * s:.4g} (clip_factor x the round's median)" for name, n, s in parts if s != 1.0]
+    if not why:
+        return {}
+    return {"clipped": min(s for _, _, s in parts if s != 1.0), "clip_reason": "; ".join(why)}
+
+
 def combine(
     base: np.ndarray, items: list[np.ndarray], weights: list[float], rule: str = "mean", trim: float = 0.2, clip: float = 0.0
 ) -> Combined:
@@ -131,10 +151,8 @@ def combine(
     """
     if not items:
         raise ValueError("nothing to combine")
-    base64 = base.astype(np.float64)
-    norms = [float(np.linalg.norm(it.astype(np.float64) - base64)) for it in items]
-    scales, med = clip_scales(norms, clip)
-    clipped = [it if s == 1.0 else (base64 + s * (it.astype(np.float64) - base64)).astype(np.float32) for it, s in zip(items, scales)]
+    clipped, norms, scales = clip_to_median(items, base, clip)
+    med = float(np.median(norms))
     if rule == "mean":
         value = fedavg(clipped, weights)
     elif rule in ("median", "trimmed-mean"):

@@ -37,7 +37,7 @@ from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import ConfigError
-from ..robust import Rejected, check_count, check_values, clip_scales, combine, flip_outliers
+from ..robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers
 from ..server import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .theta_sync import ThetaSync, kl_floor_bits
 from .base import (
@@ -152,36 +152,19 @@ class _HeadRounds(Method):
         is clipped against the other biases, not hidden in the weight matrix's larger norm), then combined by
         ``robust_mean``. Returns the per-client record (update norms, the scales where clipped)."""
         cfg = self.cfg
-        w_g, b_g = state.head_weight.astype(np.float64), state.head_bias.astype(np.float64)
-        nw = [float(np.linalg.norm(h[0].astype(np.float64) - w_g)) for h in heads]
-        nb = [float(np.linalg.norm(h[1].astype(np.float64) - b_g)) for h in heads]
-        sw, _ = clip_scales(nw, cfg.clip_factor)
-        sb, _ = clip_scales(nb, cfg.clip_factor)
-        if cfg.robust_mean == "mean" and all(x == 1.0 for x in sw + sb):
-            # nothing clipped: exactly the plain FedAvg of the heads as sent
-            state.head_weight = fedavg([h[0] for h in heads], weights)
-            state.head_bias = fedavg([h[1] for h in heads], weights)
+        ws, nw, sw = clip_to_median([h[0] for h in heads], state.head_weight, cfg.clip_factor)
+        bs, nb, sb = clip_to_median([h[1] for h in heads], state.head_bias, cfg.clip_factor)
+        if cfg.robust_mean == "mean":  # where nothing is clipped, exactly the plain FedAvg of the heads as sent
+            state.head_weight, state.head_bias = fedavg(ws, weights), fedavg(bs, weights)
         else:
-            ws = [h[0] if s_ == 1.0 else (w_g + s_ * (h[0].astype(np.float64) - w_g)).astype(np.float32) for h, s_ in zip(heads, sw)]
-            bs = [h[1] if s_ == 1.0 else (b_g + s_ * (h[1].astype(np.float64) - b_g)).astype(np.float32) for h, s_ in zip(heads, sb)]
-            if cfg.robust_mean == "mean":
-                state.head_weight, state.head_bias = fedavg(ws, weights), fedavg(bs, weights)
-            else:
-                c, d = state.head_weight.shape
-                flat = [np.concatenate([w.reshape(-1), b.reshape(-1)]) for w, b in zip(ws, bs)]
-                base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)])
-                value = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, 0.0).value
-                state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
-        out = []
-        for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb):
-            rec: dict[str, Any] = {"client": cid, "update_norm": float(np.hypot(a, b_)), "weight_norm": a, "bias_norm": b_}
-            why = [f"{name} update norm {n_:.4g} clipped to {n_ * s_:.4g} (clip_factor x the round's median)"
-                   for name, n_, s_ in (("weight", a, x), ("bias", b_, y)) if s_ != 1.0]
-            if why:
-                rec["clipped"] = min(x, y)
-                rec["clip_reason"] = "; ".join(why)
-            out.append(rec)
-        return out
+            c, d = state.head_weight.shape
+            flat = [np.concatenate([w.reshape(-1), b.reshape(-1)]) for w, b in zip(ws, bs)]
+            base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)])
+            value = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, 0.0).value
+            state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
+        return [{"client": cid, "update_norm": float(np.hypot(a, b_)), "weight_norm": a, "bias_norm": b_,
+                 **clip_fields([("weight update", a, x), ("bias update", b_, y)])}
+                for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb)]
 
 
 class LinearProbe(_HeadRounds):
@@ -373,10 +356,8 @@ class MaskMethod(_HeadRounds):
                 continue
             kind, data = update
             try:  # each add checks its input before it changes the counts
-                if kind == "flips":
+                if kind == "flips":  # filters' flip masks too (_compact)
                     agg.add_flips(data, r.num_samples)
-                elif kind == "flip_mask":
-                    agg.add_flip_mask(data, r.num_samples)
                 else:
                     agg.add(np.unpackbits(data, count=self.n).astype(bool), r.num_samples)
             except Exception as e:  # noqa: BLE001 - one reply never ends the run

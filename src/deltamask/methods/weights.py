@@ -41,7 +41,7 @@ from ..client import run_epochs
 from ..codecs import CodecError, codec_of, get_codec
 from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
-from ..robust import check_values, clip_scales, combine
+from ..robust import check_values, clip_fields, clip_to_median, combine
 from ..server import ServerState, fedavg
 from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, join_bundle, split_bundle
 from .masks import _HeadRounds, reply_failure
@@ -107,17 +107,12 @@ class WeightMethod(_HeadRounds):
         round's median norm, then the method's own rule (``robust_mean=mean``) or the coordinate-wise
         median / trimmed mean. Where nothing is clipped and the rule is ``mean``, exactly
         :meth:`server_update` on the decoded updates. Records each client's norm and clip in ``per_client``."""
-        norms = [float(np.linalg.norm(e.astype(np.float64))) for e in ests]
-        scales, _ = clip_scales(norms, self.cfg.clip_factor)
+        zero = np.zeros(self.p, np.float32)  # a weight update is relative to nothing: the client sends the update itself
+        clipped, norms, scales = clip_to_median(ests, zero, self.cfg.clip_factor)
         for rec, nrm, sc in zip(per_client, norms, scales):
-            rec["update_norm"] = nrm
-            if sc != 1.0:
-                rec["clipped"] = sc
-                rec["clip_reason"] = f"update norm {nrm:.4g} over clip_factor x median = {nrm * sc:.4g}"
-        clipped = [e if sc == 1.0 else (e.astype(np.float64) * sc).astype(np.float32) for e, sc in zip(ests, scales)]
+            rec.update({"update_norm": nrm, **clip_fields([("update", nrm, sc)])})
         if self.cfg.robust_mean == "mean":
             return self.server_update(clipped, weights, replies, round_)
-        zero = np.zeros(self.p, np.float32)
         return combine(zero, clipped, weights, self.cfg.robust_mean, self.cfg.trim_fraction, 0.0).value
 
     def encode_update(self, g: np.ndarray, round_: int) -> bytes:
