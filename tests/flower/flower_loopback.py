@@ -29,7 +29,26 @@ def _roundtrip(msg: Message) -> Message:
     return out
 
 
-class LoopbackGrid(Grid):
+class InProcessGrid(Grid):
+    """What every in-process test Grid needs: the ServerApp runtime's task identity, the run, and messages."""
+
+    def __init__(self) -> None:
+        from flwr.supercore.task_identity import TaskIdentity  # what the ServerApp runtime sets before main
+
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self._run = run
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+
+class LoopbackGrid(InProcessGrid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
                  lose: Iterable[tuple[int, int]] = (), node_config: dict[int, dict] | None = None,
                  unavailable: Iterable[tuple[int, int]] = ()) -> None:
@@ -44,20 +63,7 @@ class LoopbackGrid(Grid):
         self.lose = set(lose)
         self.unavailable = set(unavailable)
         self.replies: dict[str, Message] = {}
-        # what the ServerApp runtime sets before calling the app's main
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-    def set_run(self, run) -> None:  # noqa: ANN001
-        self._run = run
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+        super().__init__()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)

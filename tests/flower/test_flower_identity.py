@@ -29,7 +29,7 @@ from deltamask.engines.flower.records import META_KEY  # noqa: E402
 from deltamask.engines.flower.settings import FlowerSettings, config_hash  # noqa: E402
 from deltamask.engines.flower.transport import FlowerTransport  # noqa: E402
 from deltamask.metrics import read_jsonl  # noqa: E402
-from flower_loopback import LoopbackGrid  # noqa: E402
+from flower_loopback import InProcessGrid, LoopbackGrid  # noqa: E402
 
 pytestmark = pytest.mark.flower
 N = 4
@@ -38,7 +38,7 @@ NO_CLAIM = object()  # a node whose answer has no partition-id at all
 UNAVAILABLE = object()  # a node the SuperLink lost: it answers for it with a NODE_UNAVAILABLE error
 
 
-class ClaimGrid(Grid):
+class ClaimGrid(InProcessGrid):
     """Nodes that answer the ``query`` with whatever they claim (honest or not), and the server's own
     config hash. ``keys``: node id -> the public key the SuperLink would report for it (none: b"")."""
 
@@ -47,19 +47,7 @@ class ClaimGrid(Grid):
         self.keys = dict(keys or {})
         self.replies: dict[str, Message] = {}
         self.queried: list[int] = []
-        from flwr.supercore.task_identity import TaskIdentity  # what the ServerApp runtime sets before main
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-    def set_run(self, run) -> None:  # noqa: ANN001
-        self._run = run
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+        super().__init__()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.claims)
