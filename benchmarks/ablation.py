@@ -69,7 +69,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int) -> tuple[str, int, f
         return name, seed, 0.0
     sets = [s for s in VARIANTS[name] if not s.startswith("@")]
     preset = next((s[1:] for s in VARIANTS[name] if s.startswith("@")), args.preset)
-    cmd = [sys.executable, "-m", "deltamask.cli", "run", "--out", str(out), "--overwrite", "--set", f"seed={seed}",
+    cmd = [sys.executable, "-m", "deltamask.app.cli", "run", "--out", str(out), "--overwrite", "--set", f"seed={seed}",
            "--set", "downlink=auto", "--set", "progress=false"]
     if preset:
         cmd += ["--config", preset]

@@ -6,7 +6,7 @@ import json, statistics, sys, tempfile
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_attacks import DEFENSES, run_one
 from deltamask.config import build_config, from_sources
-from deltamask.experiment import build_experiment
+from deltamask.run.experiment import build_experiment
 sets = "dataset=digits image_size=32 train_samples=600 test_samples=300 rounds=6 head_warmup_rounds=2 masked_blocks=2 clients_per_round=10 progress=false".split()
 base = from_sources(None, sets)
 exp = build_experiment(base)

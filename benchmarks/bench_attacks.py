@@ -9,7 +9,7 @@ robust options, the honest run side by side.
 
 Every client is selected every round (``clients_per_round = num_clients``, 10 unless ``--set`` says
 otherwise) and ``--malicious M`` of them (drawn from the seed, the same ids every round) run an attack of
-:data:`deltamask.faults.ATTACKS`, injected exactly where a Flower ClientApp controls the reply (payload,
+:data:`deltamask.testing.faults.ATTACKS`, injected exactly where a Flower ClientApp controls the reply (payload,
 ``num_samples``, metrics) or its data (``label-flip``). Sybil partition claims are the Flower transport's
 (``tests/flower``). Defenses: ``off`` (no cap, no outlier rule, no clipping, plain mean: the server before
 issue 21, less the envelope checks that are always on), ``default`` (the defaults), ``median``
@@ -52,7 +52,7 @@ def run_one(exp, head0, cfg, attack: str, bad: list[int], seed: int) -> dict:  #
 
     from deltamask.engines.local import run_local
     from deltamask.errors import RunFailed
-    from deltamask.faults import Attack
+    from deltamask.testing.faults import Attack
     from deltamask.methods import create_method
 
     with torch.no_grad():  # every run starts from the head as built (evaluation writes the global head into the net)
@@ -113,8 +113,8 @@ def run_grid(a: argparse.Namespace, log: Path) -> None:
     import torch
 
     from deltamask.config import build_config, from_sources
-    from deltamask.experiment import build_experiment
-    from deltamask.faults import ATTACKS
+    from deltamask.run.experiment import build_experiment
+    from deltamask.testing.faults import ATTACKS
 
     attacks = a.attacks or [x for x in ATTACKS if x != "scaled-update"]
     done = {(r["seed"], r["attack"], r["m"], r["defense"]) for r in map(json.loads, open(log))} if log.exists() else set()

@@ -32,8 +32,8 @@ from test_flower_deploy import Federation  # noqa: E402
 
 from deltamask.engines.local import run_local  # noqa: E402
 from deltamask.config import build_config  # noqa: E402
-from deltamask.metrics import read_jsonl  # noqa: E402
-from deltamask.node_cache import cache_counts  # noqa: E402
+from deltamask.run.metrics import read_jsonl  # noqa: E402
+from deltamask.engines.flower.node_cache import cache_counts  # noqa: E402
 
 
 def per_round(out: Path) -> list[float]:
@@ -56,7 +56,7 @@ def main() -> int:
 
     t = time.time()
     sets = [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
-    subprocess.run([sys.executable, "-m", "deltamask.cli", "flower", "simulate", "--out", str(tmp / "sim"), *sets],
+    subprocess.run([sys.executable, "-m", "deltamask.app.cli", "flower", "simulate", "--out", str(tmp / "sim"), *sets],
                    check=True, capture_output=True)
     res["simulate"] = per_round(tmp / "sim")
     print(f"simulate done in {time.time() - t:.0f}s", flush=True)

@@ -9,7 +9,7 @@ Both trainers start from the same cached prefix outputs (the mask-independent bl
 as in a real run) and run the same number of Adam steps on the same batches under
 ``torch.autocast(dtype=bfloat16)``:
 
-* ``masked``: deltamask's own client step (:func:`deltamask.client.train_scores`): a fresh Bernoulli mask
+* ``masked``: deltamask's own client step (:func:`deltamask.fl.training.train_scores`): a fresh Bernoulli mask
   per forward pass over every weight matrix of the masked blocks, straight-through gradient to the scores.
 * ``dense``: plain fine-tuning of the same blocks' weights (all parameters of those blocks trainable,
   no parametrization), Adam, the same head and batches.
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deltamask.client import run_epochs, train_scores
-from deltamask.machine import machine_info
-from deltamask.masking import MaskedNetwork
-from deltamask.models import load_model
+from deltamask.fl.training import run_epochs, train_scores
+from deltamask.app.machine import machine_info
+from deltamask.model.masking import MaskedNetwork
+from deltamask.model.backbones import load_model
 
 
 def _sync(device: torch.device) -> None:

@@ -13,7 +13,7 @@ and each round's seconds from ``metrics.jsonl``. Settings:
 ``budget``   ``cache_ram_mb=BUDGET`` (``prefix_cache=auto``: on disk when the cache would not fit)
 ``fp16``     ``cache_dtype=float16`` in RAM, no budget
 
-Writes ``memory.json`` (every point, with ``deltamask.machine.machine_info()``) and ``memory.md`` (a table).
+Writes ``memory.json`` (every point, with ``deltamask.app.machine.machine_info()``) and ``memory.md`` (a table).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deltamask.machine import machine_info  # noqa: E402
+from deltamask.app.machine import machine_info  # noqa: E402
 
 SETTINGS = {
     "default": {},
@@ -42,7 +42,7 @@ import json, sys, time
 sys.path.insert(0, {src!r})
 from deltamask.config import from_sources
 from deltamask.engines.local import run_local
-from deltamask.experiment import build_experiment
+from deltamask.run.experiment import build_experiment
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):

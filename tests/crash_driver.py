@@ -2,7 +2,7 @@
 
     DM_KILL_AT=POINT[:ROUND] python tests/crash_driver.py run --out DIR --set ...
 
-The points are the real windows of :func:`deltamask.round.run_rounds` (per round: append the
+The points are the real windows of :func:`deltamask.run.round.run_rounds` (per round: append the
 metrics line, then save_state = write ``state.safetensors.tmp``, fsync, ``os.replace``; at the end:
 ``model.safetensors`` via ``model.tmp``, then ``summary.json``, then the plots):
 
@@ -39,8 +39,8 @@ def die() -> None:
 def install(point: str, round_: int | None) -> None:
     import safetensors.numpy as stn
 
-    import deltamask.round as rnd
-    import deltamask.state as st
+    import deltamask.run.round as rnd
+    import deltamask.run.state as st
 
     if point not in POINTS:
         raise SystemExit(f"unknown kill point {point!r}; valid: {', '.join(POINTS)}")
@@ -105,7 +105,7 @@ def main() -> int:
     if spec:
         point, _, r = spec.partition(":")
         install(point, int(r) if r else None)
-    from deltamask.cli import main as cli_main
+    from deltamask.app.cli import main as cli_main
 
     return cli_main(sys.argv[1:])
 

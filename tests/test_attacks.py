@@ -1,4 +1,4 @@
-"""Issue 21: every attack of the catalogue (deltamask.faults.ATTACKS) on a tiny local run. The run completes
+"""Issue 21: every attack of the catalogue (deltamask.testing.faults.ATTACKS) on a tiny local run. The run completes
 (or fails loudly), the attacker is recorded with the right kind and reason, and the model stays finite."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dmtest import tiny_config
 from deltamask.codecs import codec_of, get_codec
 from deltamask.engines.local import run_local
 from deltamask.errors import RunFailed
-from deltamask.faults import Attack
+from deltamask.testing.faults import Attack
 from deltamask.methods.base import join_bundle, split_bundle
 
 BAD = 1  # the malicious client
@@ -66,7 +66,7 @@ def test_attack_is_rejected_with_its_reason(tmp_path: Path, kind: str, rounds: l
 def test_nan_head_without_the_check_would_have_poisoned_the_model(tmp_path: Path) -> None:
     """The reference for the test above: the same NaN head averaged in gives a NaN head (what happened before
     issue 21); the run now rejects that reply instead."""
-    from deltamask.server import fedavg
+    from deltamask.fl.aggregation import fedavg
 
     w = np.ones((2, 3), np.float32)
     bad = w.copy()
@@ -147,7 +147,7 @@ def _head_bias(value: float):  # noqa: ANN202
 
 
 def test_a_large_head_update_is_clipped_and_recorded(tmp_path: Path) -> None:
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
 
     cfg = cfg4()
     exp = build_experiment(cfg)
@@ -170,7 +170,7 @@ def test_a_large_head_update_is_clipped_and_recorded(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
 def test_robust_rules_resist_a_large_head_bias(tmp_path: Path, rule: str) -> None:
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
 
     cfg = cfg4(robust_mean=rule, clip_factor=0.0)
     exp = build_experiment(cfg)
@@ -270,7 +270,7 @@ def test_an_overflowing_index_set_is_dropped_not_a_crash(tmp_path: Path) -> None
 
 def test_signsgd_vote_refuses_coordinate_rules_and_negative_scales(tmp_path: Path) -> None:
     from deltamask.config import ConfigError
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
 
     with pytest.raises(ConfigError, match="robust_mean"):
         build_experiment(cfg4(method="signsgd", signsgd_mode="vote", robust_mean="median"))
@@ -290,7 +290,7 @@ def test_a_reply_for_an_empty_partition_is_rejected() -> None:
     from types import SimpleNamespace
 
     from deltamask.methods import Reply
-    from deltamask.round import screen_replies
+    from deltamask.run.round import screen_replies
 
     exp = SimpleNamespace(client_sizes=[5, 0])
     good, bad = screen_replies(exp, [Reply(0, b"", 5, {}), Reply(1, b"", 0, {}), Reply(2, b"", 1, {}), Reply(0, b"", 5, {"x": 10**400})])
@@ -303,7 +303,7 @@ def test_a_reply_for_an_empty_partition_is_rejected() -> None:
 def test_an_honest_reply_at_the_kappa_bound_is_accepted_whatever_the_codec(codec: str) -> None:
     """The most an honest client sends is ceil(kappa * N) keys; a filter's members add its false positives
     (2^-8 of the other weights), which the default cap allows for."""
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
     from deltamask.methods import Reply
 
     cfg = cfg4(codec=codec, kappa=0.005, flip_outlier=0.0)

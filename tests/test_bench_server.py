@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from deltamask.bench import main
+from deltamask.app.bench import main
 
 
 def test_bench_server_small(tmp_path) -> None:  # type: ignore[no-untyped-def]

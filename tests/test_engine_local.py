@@ -8,7 +8,7 @@ import torch
 
 from dmtest import tiny_config
 from deltamask.engines.local import run_local
-from deltamask.metrics import TIMING_KEYS, read_jsonl
+from deltamask.run.metrics import TIMING_KEYS, read_jsonl
 
 
 def _strip_timing(rec: dict) -> dict:
@@ -103,7 +103,7 @@ def test_too_few_replies_skips_update(tmp_path) -> None:
 
 
 def test_artifact_rebuilds_the_evaluated_model(tmp_path) -> None:
-    from deltamask.artifact import load_artifact
+    from deltamask.run.artifact import load_artifact
     from deltamask.data import load_dataset, subsample
 
     cfg = tiny_config(rounds=2)

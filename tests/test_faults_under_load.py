@@ -16,8 +16,8 @@ from safetensors.numpy import load_file
 import deltamask.engines.local as local
 from dmtest import VirtualClock, tiny_config
 from deltamask.engines.local import run_local
-from deltamask.faults import forge
-from deltamask.metrics import TIMING_KEYS, read_jsonl
+from deltamask.testing.faults import forge
+from deltamask.run.metrics import TIMING_KEYS, read_jsonl
 
 #: round -> (client, fault); clients_per_round = num_clients = 4, so one in four fails every round
 KINDS = ["raise", "hang", "truncated", "oversized", "wrong-codec", "wrong-n", "n32"]
@@ -59,7 +59,7 @@ def test_one_in_four_clients_fails_each_round_a_different_way(tmp_path, monkeypa
     which = ["faulty"]
 
     cfg = tiny_config(method=method, rounds=8, num_clients=4, clients_per_round=4, min_replies=2)
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
 
     for name, hook in (("faulty", faulty), ("reference", raising)):
         which[0] = name

@@ -5,7 +5,7 @@ import torch
 
 from dmtest import tiny_config
 from deltamask.engines.local import run_local
-from deltamask.metrics import read_jsonl
+from deltamask.run.metrics import read_jsonl
 
 pytestmark = pytest.mark.gpu
 

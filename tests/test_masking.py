@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from deltamask.client import evaluate, train_scores
-from deltamask.masking import MaskedNetwork, logit
-from deltamask.models import load_model
+from deltamask.fl.training import evaluate, train_scores
+from deltamask.model.masking import MaskedNetwork, logit
+from deltamask.model.backbones import load_model
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_training_moves_scores_and_keeps_weights(net: MaskedNetwork) -> None:
 
 
 def test_regex_selection_and_errors() -> None:
-    from deltamask.models import ModelError
+    from deltamask.model.backbones import ModelError
 
     lm = load_model("timm:test_vit", "random")
     net = MaskedNetwork(lm, 3, mask_pattern=r"blocks\.\d+\.mlp\.fc1\.weight")

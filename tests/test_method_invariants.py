@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from dmtest import tiny_config
-from deltamask import seeding
+from deltamask.fl import seeding
 from deltamask.codecs import codec_of, get_codec
-from deltamask.experiment import build_experiment
+from deltamask.run.experiment import build_experiment
 from deltamask.methods import ClientContext, Reply, create_method
 from deltamask.methods.base import join_bundle, parts_by_kind
-from deltamask.server import posterior
+from deltamask.fl.aggregation import posterior
 
 EPS = 0.01
 WARMUP = 1  # round 1 trains the head; rounds 2.. train masks

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from deltamask.masking import MaskedNetwork
-from deltamask.models import ModelError, load_model
+from deltamask.model.masking import MaskedNetwork
+from deltamask.model.backbones import ModelError, load_model
 
 
 def test_builtin_efficientnet_lite0_has_real_imagenet_weights() -> None:
@@ -17,7 +17,7 @@ def test_builtin_efficientnet_lite0_has_real_imagenet_weights() -> None:
     import timm
 
     ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    from deltamask.models import efficientnet_lite0_weights_path, load_efficientnet_lite0_into
+    from deltamask.model.backbones import efficientnet_lite0_weights_path, load_efficientnet_lite0_into
 
     load_efficientnet_lite0_into(ref, efficientnet_lite0_weights_path())
     with torch.no_grad():

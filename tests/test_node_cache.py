@@ -1,4 +1,4 @@
-"""The per-node disk cache of a Flower client's round-invariant data (deltamask.node_cache), and
+"""The per-node disk cache of a Flower client's round-invariant data (deltamask.engines.flower.node_cache), and
 ``build_experiment(..., test=False)``. Tiny config: timm:test_efficientnet, random weights, digits."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmtest import tiny_config
-from deltamask import experiment as experiment_mod
-from deltamask import node_cache
-from deltamask.experiment import build_experiment
+from deltamask.run import experiment as experiment_mod
+from deltamask.engines.flower import node_cache
+from deltamask.run.experiment import build_experiment
 from deltamask.methods import ClientContext
-from deltamask.node_cache import MANIFEST, TENSORS, cache_counts, cache_key, client_experiment_cached, key_material
+from deltamask.engines.flower.node_cache import MANIFEST, TENSORS, cache_counts, cache_key, client_experiment_cached, key_material
 
 PID = 1
 
@@ -116,7 +116,7 @@ _CHILD = """
 import sys, hashlib
 sys.path[:0] = {paths!r}
 from dmtest import tiny_config
-from deltamask.node_cache import client_experiment_cached
+from deltamask.engines.flower.node_cache import client_experiment_cached
 exp, data, hit = client_experiment_cached(tiny_config(device="cpu"), {pid}, {cache!r})
 print("RESULT", hit, hashlib.sha256(data.h.numpy().tobytes() + data.y.numpy().tobytes()).hexdigest())
 """

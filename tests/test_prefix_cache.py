@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from dmtest import tiny_config
-from deltamask import cli, prefix_cache
+from deltamask.app import cli
+from deltamask.model import prefix_cache
 from deltamask.config import ConfigError, build_config
 from deltamask.data import ImageSource, load_dataset, subsample
 from deltamask.engines.local import run_local
-from deltamask.experiment import build_experiment
+from deltamask.run.experiment import build_experiment
 from deltamask.methods import ClientContext
-from deltamask.node_cache import client_experiment_cached
-from deltamask.prefix_cache import DiskRows, DiskStore
+from deltamask.engines.flower.node_cache import client_experiment_cached
+from deltamask.model.prefix_cache import DiskRows, DiskStore
 
 PID = 1
 
@@ -105,7 +106,7 @@ def test_reading_the_disk_store_keeps_traced_memory_to_a_few_batches(tmp_path) -
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_dtypes_halve_the_bytes_and_keep_accuracy_close(cfg, ref, dtype) -> None:
-    from deltamask.client import evaluate
+    from deltamask.fl.training import evaluate
 
     exp = build_experiment(cfg.replace(cache_dtype=dtype))
     assert exp.train_h.dtype == prefix_cache.CACHE_DTYPES[dtype]

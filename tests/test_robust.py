@@ -1,4 +1,4 @@
-"""Untrusted clients (issue 21): the checks and robust rules of deltamask.robust, each pinned against a
+"""Untrusted clients (issue 21): the checks and robust rules of deltamask.fl.robust, each pinned against a
 slow, obvious reference and tested at its edge."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from deltamask.robust import Rejected, check_count, check_values, clip_scales, combine, fedavg, flip_outliers, nonfinite_fields, screen_reply
+from deltamask.fl.robust import Rejected, check_count, check_values, clip_scales, combine, fedavg, flip_outliers, nonfinite_fields, screen_reply
 
 
 def _slow_norm(v: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""The one round driver (deltamask.round): failures end a run loudly, out-dirs are not overwritten by
+"""The one round driver (deltamask.run.round): failures end a run loudly, out-dirs are not overwritten by
 accident, and a run written by one engine resumes to the uninterrupted result."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from dmtest import TINY, VirtualClock, tiny_config
-from deltamask.cli import EXIT_RUN_FAILED, EXIT_USER_ERROR, main
+from deltamask.app.cli import EXIT_RUN_FAILED, EXIT_USER_ERROR, main
 from deltamask.config import METHOD_NAMES, ConfigError, build_config
 from deltamask.engines.local import run_local
 from deltamask.errors import RunFailed
-from deltamask.metrics import TIMING_KEYS, read_jsonl
-from deltamask.round import RUN_FILES, select_clients
-from deltamask.state import StateError
+from deltamask.run.metrics import TIMING_KEYS, read_jsonl
+from deltamask.run.round import RUN_FILES, select_clients
+from deltamask.run.state import StateError
 
 
 def _sets(**kw: object) -> list[str]:
@@ -89,7 +89,7 @@ def test_cli_failed_run_exits_1(tmp_path, capsys, monkeypatch) -> None:
 
 
 def _no_replies(self, round_, downlinks):  # noqa: ANN001, ANN202
-    from deltamask.transport import Exchange
+    from deltamask.run.transport import Exchange
     from deltamask.methods import Failure
 
     return Exchange(failures={c: Failure(c, "unreachable", "timeout") for c in downlinks})
@@ -114,7 +114,7 @@ def test_resume_without_client_caches_resends_them_and_matches(tmp_path) -> None
     cfg = tiny_config(rounds=4, clients_per_round=2)
     run_local(cfg, tmp_path / "full")
     run_local(cfg, tmp_path / "cut", stop_after=2)
-    from deltamask.state import load_state, save_state
+    from deltamask.run.state import load_state, save_state
 
     state, clients, saved, _ = load_state(tmp_path / "cut")
     assert clients  # the local engine keeps them...
@@ -131,7 +131,7 @@ def test_resume_without_client_caches_resends_them_and_matches(tmp_path) -> None
 def test_resume_refuses_lost_client_memory(tmp_path) -> None:
     cfg = tiny_config(method="topk", rounds=3)
     run_local(cfg, tmp_path, stop_after=2)
-    from deltamask.state import load_state, save_state
+    from deltamask.run.state import load_state, save_state
 
     state, _, saved, _ = load_state(tmp_path)
     save_state(tmp_path, state, {}, saved, engine="flower")
@@ -200,7 +200,7 @@ def test_local_round_timeout_only_when_set(tmp_path, monkeypatch) -> None:
 
 
 def test_engine_keys_through_set(tmp_path, capsys) -> None:
-    from deltamask.cli import main
+    from deltamask.app.cli import main
 
     out = tmp_path / "o"
     sets = [f"{k}={v}" for k, v in TINY.items()] + ["rounds=1", f"out-dir={out}"]

@@ -1,7 +1,7 @@
 import numpy as np
 
 from deltamask.codecs.dense import theta_from_counts
-from deltamask.server import MaskAggregator, fedavg, init_state, posterior
+from deltamask.fl.aggregation import MaskAggregator, fedavg, init_state, posterior
 
 
 def _state(n: int = 50):

@@ -2,7 +2,7 @@
 
 ``DenseReference`` is the aggregation as it was before: every client's mask expanded to N booleans
 and added into float32 alpha/beta and integer counts, one client at a time. It is slow and obvious on
-purpose; the tests compare :class:`deltamask.server.MaskAggregator` to it on random cases (weighted
+purpose; the tests compare :class:`deltamask.fl.aggregation.MaskAggregator` to it on random cases (weighted
 and unweighted, with and without prior resets, integer and non-integer priors, every way a client
 can be added, K past the uint8 counter) on numpy and on torch CPU tensors.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltamask.server import MaskAggregator, count_dtype, init_state, posterior
+from deltamask.fl.aggregation import MaskAggregator, count_dtype, init_state, posterior
 
 
 class DenseReference:
@@ -153,7 +153,7 @@ def test_bad_input_is_refused_with_a_clear_error() -> None:
 def tiny_net():  # type: ignore[no-untyped-def]
     from dmtest import tiny_config
 
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
 
     return build_experiment(tiny_config(), test=False).net
 

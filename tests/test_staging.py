@@ -19,7 +19,7 @@ import torch
 
 from deltamask.config import build_config
 from deltamask.engines.local import run_local
-from deltamask.models import ModelError, load_model, select_masked
+from deltamask.model.backbones import ModelError, load_model, select_masked
 
 SIZE = 64  # reduced from the zoo models' 224
 HF_SIZE = 48  # the tiny transformers configs are made for 32 px: 48 needs interpolated position embeddings
@@ -171,8 +171,8 @@ def test_vit_at_its_own_size_and_sizes_it_cannot_take() -> None:
 def test_unstageable_model_says_to_use_mask_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model whose blocks cannot be found still loads as one stage; masked_blocks says what to do,
     and mask_pattern works (the whole model recomputed, no prefix cache)."""
-    import deltamask.models as models
-    from deltamask.masking import MaskedNetwork
+    import deltamask.model.backbones as models
+    from deltamask.model.masking import MaskedNetwork
 
     monkeypatch.setattr(models, "_timm_units", lambda model: [])
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_unstageable_model_says_to_use_mask_pattern(monkeypatch: pytest.MonkeyPa
     with torch.no_grad():
         torch.testing.assert_close(net.features(x), lm.backbone.root.forward_head(lm.backbone.root.forward_features(x), pre_logits=True))
     # a run says so: no silent loss of the prefix cache
-    from deltamask.experiment import build_experiment
+    from deltamask.run.experiment import build_experiment
 
     said: list[str] = []
     build_experiment(_run_cfg("timm:test_resnet", mask_pattern="layer4"), status=said.append)
@@ -196,7 +196,7 @@ def test_unstageable_model_says_to_use_mask_pattern(monkeypatch: pytest.MonkeyPa
 def test_self_check_catches_a_wrong_composition(monkeypatch: pytest.MonkeyPatch) -> None:
     """If any stage computed something else (here: every block's output off by 1%), the load-time
     self-check falls back to one opaque stage instead of computing other features than the model's."""
-    import deltamask.models as models
+    import deltamask.model.backbones as models
 
     real = models._BlockCall.forward
     monkeypatch.setattr(models._BlockCall, "forward", lambda self, x: real(self, x) * 1.01)
@@ -283,7 +283,7 @@ def test_hf_random_builds_from_the_config_only(hf_dirs: dict[str, Path], tmp_pat
 
 
 def test_cli_mismatched_weights_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from deltamask.cli import main
+    from deltamask.app.cli import main
     from dmtest import TINY
 
     import timm

@@ -16,10 +16,10 @@ from deltamask.codecs.delta import (
     theta_digest,
 )
 from deltamask.engines.local import LocalTransport, run_local
-from deltamask.experiment import build_experiment
-from deltamask.methods.theta_sync import StaleCache, kl_floor_bits
-from deltamask.metrics import TIMING_KEYS, read_jsonl
-from deltamask.round import run_rounds
+from deltamask.run.experiment import build_experiment
+from deltamask.methods.downlink import StaleCache, kl_floor_bits
+from deltamask.run.metrics import TIMING_KEYS, read_jsonl
+from deltamask.run.round import run_rounds
 
 MODES = ("snapshot", "cond", "replay", "auto")
 
@@ -223,7 +223,7 @@ def test_resume_ends_as_uninterrupted_for_every_mode(tmp_path, mode: str) -> Non
 
 
 def test_codec_cli_inspects_a_theta_delta_and_refuses_to_decode_it_alone(tmp_path, capsys) -> None:
-    from deltamask.cli_codec import main
+    from deltamask.app.cli_codec import main
 
     p = tmp_path / "td.bin"
     rng = np.random.default_rng(2)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dmtest import TINY, tiny_config
-from deltamask.cli import main
-from deltamask.compare import COLUMNS, load_suite, run_suite
+from deltamask.app.cli import main
+from deltamask.app.compare import COLUMNS, load_suite, run_suite
 from deltamask.config import ConfigError
 from deltamask.engines.local import run_local
 
@@ -146,7 +146,7 @@ def test_dinov2_suite_is_valid() -> None:
 
 def test_a_run_saved_before_a_config_key_existed_is_still_the_same_run(tmp_path) -> None:
     """Adding a config key (at its default) must not orphan finished runs; a non-default value must."""
-    from deltamask.compare import _same_config
+    from deltamask.app.compare import _same_config
 
     cfg = tiny_config(rounds=2)
     saved = json.loads(json.dumps(cfg.to_dict()))

@@ -13,10 +13,10 @@ from dmtest import tiny_config
 from deltamask.codecs.quant import wire_bytes
 from deltamask.config import ConfigError
 from deltamask.engines.local import run_local
-from deltamask.experiment import build_experiment
+from deltamask.run.experiment import build_experiment
 from deltamask.methods import ClientContext, ClientFailure, create_method
 from deltamask.methods.weights import MODE_DENSE, MODE_NONE, MODE_UPDATES
-from deltamask.metrics import TIMING_KEYS, read_jsonl
+from deltamask.run.metrics import TIMING_KEYS, read_jsonl
 
 BASELINES = ["fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora"]
 
@@ -56,8 +56,8 @@ def test_two_rounds_end_to_end(tmp_path, method: str) -> None:
 
 
 def test_artifact_applies_the_trained_weights(tmp_path) -> None:
-    from deltamask.artifact import load_artifact
-    from deltamask.client import evaluate
+    from deltamask.run.artifact import load_artifact
+    from deltamask.fl.training import evaluate
 
     cfg = tiny_config(method="fedavg", rounds=2, weight_lr=1e-2)
     run_local(cfg, tmp_path)

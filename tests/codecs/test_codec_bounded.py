@@ -16,7 +16,7 @@ import pytest
 
 from deltamask.codecs import CodecError, available_codecs, get_codec
 from deltamask.codecs import container
-from deltamask.faults import with_header_n
+from deltamask.testing.faults import with_header_n
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import fuzz_payloads  # noqa: E402

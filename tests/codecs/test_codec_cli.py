@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltamask.bench import add_bench_parser
-from deltamask.cli_codec import add_codec_parser
+from deltamask.app.bench import add_bench_parser
+from deltamask.app.cli_codec import add_codec_parser
 
 
 def run(argv: list[str]) -> int:

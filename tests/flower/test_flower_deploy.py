@@ -25,8 +25,8 @@ pytest.importorskip("flwr")
 import tomli_w  # noqa: E402  (a dependency of flwr)
 
 from dmtest import TINY, tiny_config  # noqa: E402
-from deltamask.metrics import read_jsonl  # noqa: E402
-from deltamask.node_cache import cache_counts  # noqa: E402
+from deltamask.run.metrics import read_jsonl  # noqa: E402
+from deltamask.engines.flower.node_cache import cache_counts  # noqa: E402
 
 pytestmark = pytest.mark.flower_deploy
 ROOT = Path(__file__).resolve().parents[2]
@@ -496,7 +496,7 @@ def test_second_supernode_claiming_a_bound_partition_is_refused(tmp_path) -> Non
     """A third SuperNode started mid-run with partition-id=0 (bound to the first node that claimed it) is
     refused, named in metrics.jsonl, and the run completes with the two honest nodes. Each node is bound
     by the public key the SuperLink reports for it (Grid.get_nodes)."""
-    from deltamask.state import load_state
+    from deltamask.run.state import load_state
 
     fed = Federation(tmp_path, ["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2 test-fault='hang:25@1'",
                                 "partition-id=0 num-partitions=2"])

@@ -28,7 +28,7 @@ from deltamask.engines.flower import make_client_app, run_server  # noqa: E402
 from deltamask.engines.flower.records import META_KEY  # noqa: E402
 from deltamask.engines.flower.settings import FlowerSettings, config_hash  # noqa: E402
 from deltamask.engines.flower.transport import FlowerTransport  # noqa: E402
-from deltamask.metrics import read_jsonl  # noqa: E402
+from deltamask.run.metrics import read_jsonl  # noqa: E402
 from flower_loopback import InProcessGrid, LoopbackGrid  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -262,7 +262,7 @@ def test_rogues_refused_in_a_real_run_and_reported_in_metrics(tmp_path) -> None:
         assert f"node {nid}" in recs[nid]["reason"]
         if type(c) is int and 0 <= c < N:
             assert recs[nid]["bound_node"] == 1000 + c and f"node {1000 + c}" in recs[nid]["reason"]
-    from deltamask.state import load_state
+    from deltamask.run.state import load_state
 
     state = load_state(tmp_path)[0]
     assert state.identities == {c: f"node:{1000 + c}" for c in range(N)}
@@ -271,7 +271,7 @@ def test_rogues_refused_in_a_real_run_and_reported_in_metrics(tmp_path) -> None:
 def test_resumed_run_keeps_the_bindings(tmp_path) -> None:
     """The run stops after round 1; on resume partition 1 is claimed by a node with another id: refused (and
     recorded in round 2's line), while the other partitions go on with their nodes."""
-    import deltamask.round as round_mod
+    import deltamask.run.round as round_mod
 
     base = {**TINY, "rounds": 2, "clients-per-round": 3, "min-replies": 1, "out-dir": str(tmp_path), "node-wait-timeout": 0}
     real = round_mod._one_round

@@ -15,7 +15,7 @@ from dmtest import TINY, tiny_config  # noqa: E402
 from deltamask.engines.flower import make_client_app, run_server  # noqa: E402
 from deltamask.engines.flower.client_app import ScriptedFault  # noqa: E402
 from deltamask.engines.local import run_local  # noqa: E402
-from deltamask.metrics import TIMING_KEYS, read_jsonl  # noqa: E402
+from deltamask.run.metrics import TIMING_KEYS, read_jsonl  # noqa: E402
 from flower_loopback import LoopbackGrid  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -140,7 +140,7 @@ def test_flower_resume_ends_as_uninterrupted(tmp_path) -> None:
     """The ServerApp stops after round 2 (as when its SuperLink dies); a new run with resume=true in the
     same out-dir (new nodes: every client cache is gone) ends exactly as the local engine's full run."""
     base = {**TINY, "rounds": 4, "clients-per-round": 2, "out-dir": str(tmp_path / "flower")}
-    import deltamask.round as round_mod
+    import deltamask.run.round as round_mod
 
     real = round_mod._one_round
     calls = {"n": 0}

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 #: a log line from any handler in play: Flower's console handler (``INFO :      msg``, maybe colored),
-#: ``logging.basicConfig`` in ``deltamask.cli`` (``INFO flwr: msg``), either one behind Ray's
+#: ``logging.basicConfig`` in ``deltamask.app.cli`` (``INFO flwr: msg``), either one behind Ray's
 #: ``(ClientAppActor pid=12)`` prefix for lines forwarded from workers.
 LOG_LINE = re.compile(
     r"^(?P<src>(?:\x1b\[\d+m)?\([^)]*pid=\d+[^)]*\)(?:\x1b\[0m)?\s+)?"
@@ -68,7 +68,7 @@ def session_of(pid: int) -> int | None:
 
 def test_simulate_logs_once_and_leaves_no_processes(tmp_path: Path) -> None:
     exe = BIN / "deltamask"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from deltamask.cli import entry; entry()"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from deltamask.app.cli import entry; entry()"]
     cmd += ["flower", "simulate", "--config", str(ROOT / "examples" / "flower" / "tiny.toml"), "--set", "rounds=2",
             "--out", str(tmp_path / "out")]
     # A marker in the environment finds this command's descendants (Ray's workers inherit it) among the

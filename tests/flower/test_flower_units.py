@@ -130,7 +130,7 @@ def test_cli_run_config_converts_a_snake_case_preset(tmp_path, capsys) -> None:
 
 
 def test_check_config_names_an_unknown_key(tmp_path, capsys) -> None:
-    from deltamask.cli import main
+    from deltamask.app.cli import main
 
     good = tmp_path / "good.toml"
     good.write_text(f'rounds = 3\nnum-clients = 2\nclients-per-round = 2\nout-dir = "{tmp_path / "o"}"\nresume = false\n')
@@ -182,7 +182,7 @@ def test_simulate_takes_engine_keys_from_the_preset(tmp_path, monkeypatch, capsy
     import flwr.simulation
 
     import deltamask.engines.flower.server_app as server_app
-    from deltamask.cli import main
+    from deltamask.app.cli import main
 
     seen: list[dict] = []
     monkeypatch.setattr(server_app, "make_server_app", lambda defaults=None: seen.append(dict(defaults)))

@@ -15,7 +15,7 @@ it checks. Three modes:
 ``replay``  the accepted uplink payloads of the rounds the receiver missed, round by round: the receiver
             re-runs the server's aggregation from its cached theta (only where theta is a function of the
             round's counts: priors reset every round, unweighted). What it needs to rebuild is in
-            :mod:`deltamask.methods.theta_sync`; this module only frames the payloads.
+            :mod:`deltamask.methods.downlink`; this module only frames the payloads.
 
 Wire layout (little-endian), in the container's params: ``mode u8, kind u8, base digest 16 B, target
 digest 16 B``, then per mode:

@@ -2,7 +2,7 @@
 
 Clients run one after another in this process; their caches (last theta / head received) live here
 and are saved with the run state, so a resumed run continues with them. The round itself is
-:func:`deltamask.round.run_rounds`'s. A client that raises fails with its reason. With
+:func:`deltamask.run.round.run_rounds`'s. A client that raises fails with its reason. With
 ``round_timeout`` (the ``round-timeout`` engine key, when a run sets it) a client whose update took
 longer is dropped as ``timeout``, as a Flower server would drop it; unset, local clients take as long as
 they need. ``fault`` (tests only) is called as ``fault(round, client)`` before each update and may raise,
@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
-from ..experiment import Experiment, build_experiment
+from ..run.experiment import Experiment, build_experiment
 from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply
-from ..round import Progress, resume_config, run_rounds
-from ..transport import Exchange, Transport
+from ..run.round import Progress, resume_config, run_rounds
+from ..run.transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
 
 #: test hook: called as fault(round, client_id) before a client's update; may raise, sleep, or return
 #: bytes that replace the client's reply payload, or a function payload -> bytes to send instead, or a
-#: ``deltamask.faults.Attack`` (poisons the client's data and/or forges its whole reply)
+#: ``deltamask.testing.faults.Attack`` (poisons the client's data and/or forges its whole reply)
 FaultHook = Callable[[int, int], "bytes | Callable[[bytes], bytes] | None"]
 
 __all__ = ["LocalTransport", "resume_config", "run_local"]
@@ -58,7 +58,7 @@ class LocalTransport(Transport):
                 forged = self.fault(round_, cid) if self.fault is not None else None
                 if data.num_samples == 0:
                     raise ClientFailure("client has no training data")
-                attack = forged if hasattr(forged, "forge_reply") else None  # deltamask.faults.Attack (tests)
+                attack = forged if hasattr(forged, "forge_reply") else None  # deltamask.testing.faults.Attack (tests)
                 reply = self.exp.method.client_update(payload, attack.poison_data(data) if attack else data, ctx)
                 if attack is not None:
                     reply = attack.forge_reply(reply, ctx, self.exp.method)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Config, ConfigError, register_method_name
-from ..masking import MaskedNetwork
+from ..model.masking import MaskedNetwork
 from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Method, Reply
 from .baselines import BASELINES
 from .masks import DeltaMask, FedPM, LinearProbe

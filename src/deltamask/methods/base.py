@@ -26,8 +26,8 @@ import torch
 from ..codecs import codec_of, get_codec
 from ..codecs.container import CodecError, split_containers
 from ..config import Config
-from ..masking import MaskedNetwork
-from ..server import ServerState, init_state
+from ..model.masking import MaskedNetwork
+from ..fl.aggregation import ServerState, init_state
 
 
 def join_bundle(parts: list[bytes]) -> bytes:

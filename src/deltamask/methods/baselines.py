@@ -37,11 +37,11 @@ import math
 import numpy as np
 import torch
 
-from .. import seeding
+from ..fl import seeding
 from ..codecs import CodecError, get_codec
 from ..codecs.quant import DriveCodec, EdenCodec, QSGDCodec, SignCodec, TopKCodec
 from ..config import ConfigError
-from ..robust import Rejected
+from ..fl.robust import Rejected
 from .base import ClientContext, Reply
 from .weights import WeightMethod
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import seeding
-from ..client import compute_features, train_head, train_scores
+from ..fl import seeding
+from ..fl.training import compute_features, train_head, train_scores
 from ..codecs import (
     CodecError,
     IndexCodec,
@@ -37,9 +37,9 @@ from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import ConfigError
-from ..robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers
-from ..server import MaskAggregator, ServerState, fedavg, init_state, posterior
-from .theta_sync import ThetaSync, kl_floor_bits
+from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers
+from ..fl.aggregation import MaskAggregator, ServerState, fedavg, init_state, posterior
+from .downlink import ThetaSync, kl_floor_bits
 from .base import (
     Aggregation,
     ClientContext,

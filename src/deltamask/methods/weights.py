@@ -1,7 +1,7 @@
 """Weight-training baselines: the machinery they share (``WeightMethod``).
 
 Every weight-training baseline trains the *same* scalars DeltaMask masks (the maskable set of ``N``
-weights, :class:`~deltamask.masking.MaskedNetwork`), additively: the network computes with
+weights, :class:`~deltamask.model.masking.MaskedNetwork`), additively: the network computes with
 ``W + dW``, where ``dW = to_delta(v)`` is a function of a trainable vector ``v`` of length ``P``
 (``P = N`` and ``dW = v`` for full fine-tuning; LoRA factors for ``lora``).
 
@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import seeding
-from ..client import run_epochs
+from ..fl import seeding
+from ..fl.training import run_epochs
 from ..codecs import CodecError, codec_of, get_codec
 from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
-from ..robust import check_values, clip_fields, clip_to_median, combine
-from ..server import ServerState, fedavg
+from ..fl.robust import check_values, clip_fields, clip_to_median, combine
+from ..fl.aggregation import ServerState, fedavg
 from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, join_bundle, split_bundle
 from .masks import _HeadRounds, reply_failure
 

@@ -76,7 +76,7 @@ def _ray_on_loopback() -> Iterator[None]:
 @contextlib.contextmanager
 def _flwr_logs_once() -> Iterator[None]:
     """Flower's logger has its own console handler; stop its records from also reaching the root handler
-    (``logging.basicConfig`` in ``deltamask.cli.main``), which printed every Flower line twice."""
+    (``logging.basicConfig`` in ``deltamask.app.cli.main``), which printed every Flower line twice."""
     flwr_log = logging.getLogger("flwr")
     before = flwr_log.propagate
     flwr_log.propagate = False
@@ -152,7 +152,7 @@ def _no_processes_left(timeout: float = 20.0) -> Iterator[None]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation  # imports Ray only once a simulation starts
 
-    from ...round import prepare_out, run_target
+    from ...run.round import prepare_out, run_target
     from .client_app import make_client_app
     from .server_app import make_server_app
 

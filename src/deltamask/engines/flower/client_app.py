@@ -125,7 +125,7 @@ def make_client_app(defaults: dict[str, Any] | None = None, fault: FaultHook | N
         elif action == "forged-metrics":
             metrics = {**metrics, "num_keys": float("nan"), "train_loss": float("inf")}
         elif action:  # a scripted payload fault (tests only): the real reply, forged
-            from ...faults import forge
+            from ...testing.faults import forge
 
             payload, stype = forge(action, payload), None
         content = pack_payload(

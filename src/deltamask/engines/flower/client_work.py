@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...config import Config
-from ...experiment import Experiment, build_experiment
+from ...run.experiment import Experiment, build_experiment
 from ...methods import ClientContext, ClientData, ClientFailure
-from ...node_cache import client_experiment_cached, default_cache_dir
+from .node_cache import client_experiment_cached, default_cache_dir
 from .records import payload_stype
 from .settings import config_hash
 

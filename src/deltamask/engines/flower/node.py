@@ -92,7 +92,7 @@ class ScriptedFault:
     (the update raises), ``malformed`` (the reply payload is garbage), ``forged-samples`` /
     ``forged-metrics`` (the reply claims 10^9 samples / NaN metrics), ``hang:SECONDS`` (sleep, to
     overrun the round timeout), ``exit`` (the ClientApp process dies), or a payload fault of
-    :func:`deltamask.faults.forge` (the reply is computed, then forged). Picklable, so it reaches
+    :func:`deltamask.testing.faults.forge` (the reply is computed, then forged). Picklable, so it reaches
     simulation workers. It runs in the ClientApp process, before any work is handed to a node worker."""
 
     script: tuple[tuple[int, int, str], ...]
@@ -115,7 +115,7 @@ class ScriptedFault:
 def node_fault(node_config: Mapping[str, Any], pid: int) -> ScriptedFault | None:
     """``node_config["test-fault"] = "KIND@ROUND[,KIND@ROUND...]"``: this node misbehaves in those rounds
     (tests only). KIND: ``raise``, ``hang:SECONDS``, ``exit``, ``malformed``, or a payload fault of
-    :data:`deltamask.faults.PAYLOAD_FAULTS` (``truncated``, ``oversized``, ``wrong-codec``, ``wrong-n``,
+    :data:`deltamask.testing.faults.PAYLOAD_FAULTS` (``truncated``, ``oversized``, ``wrong-codec``, ``wrong-n``,
     ``n32``), applied to the real reply."""
     spec = node_config.get("test-fault")
     if not spec:

@@ -1,7 +1,7 @@
 """The deltamask ServerApp: build the server side of the experiment and drive the round over Flower.
 
 The server prepares the model and the test set only (``build_experiment(cfg, clients=[])``); clients
-prepare their own partitions. The round is :func:`deltamask.round.run_rounds`, the same as the local
+prepare their own partitions. The round is :func:`deltamask.run.round.run_rounds`, the same as the local
 engine's, over a :class:`~deltamask.engines.flower.transport.FlowerTransport`. Outputs land in
 ``out-dir`` (absolute; default ``~/deltamask-runs/flower-RUN_ID``): ``config.json``, ``metrics.jsonl``,
 ``state.safetensors`` after every round, and at the end ``summary.json``, the plots and
@@ -20,8 +20,8 @@ from typing import Any, Mapping
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ...experiment import build_experiment
-from ...round import Progress, run_rounds
+from ...run.experiment import build_experiment
+from ...run.round import Progress, run_rounds
 from .settings import out_dir_of, resolve
 from .transport import FlowerTransport
 

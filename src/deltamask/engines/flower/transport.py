@@ -1,6 +1,6 @@
 """The Flower transport: one ``train`` message per selected client over a Flower ``Grid``.
 
-No round logic lives here (that is :mod:`deltamask.round`): this module finds out which SuperNode
+No round logic lives here (that is :mod:`deltamask.run.round`): this module finds out which SuperNode
 serves which client id, turns ``{client: downlink bytes}`` into messages, and turns what comes back
 into replies or typed failures:
 
@@ -52,7 +52,7 @@ from flwr.serverapp import Grid
 from ...config import Config
 from ...errors import RunFailed
 from ...methods import Failure, Reply
-from ...transport import Exchange, Transport
+from ...run.transport import Exchange, Transport
 from .client_app import METRICS_KEY
 from .records import META_KEY, RecordError, pack_payload, record_bytes, unpack_meta, unpack_payload, wire_bytes
 from .settings import FlowerSettings, config_hash

@@ -25,7 +25,7 @@ PAYLOAD_FAULTS = ("truncated", "oversized", "wrong-codec", "wrong-n", "n32")
 def with_header_n(container: bytes, n: int) -> bytes:
     """The container with its header's ``n`` replaced and the CRC recomputed (only a receiver's
     expectation can then tell)."""
-    from .codecs.container import HEADER
+    from ..codecs.container import HEADER
 
     fields = list(HEADER.unpack_from(container, 0))
     fields[4] = n
@@ -37,9 +37,9 @@ def forge(kind: str, payload: bytes) -> bytes:
     """The hostile payload of ``kind`` (one of :data:`PAYLOAD_FAULTS`) made from a real one."""
     import numpy as np
 
-    from .codecs import codec_of, get_codec
-    from .codecs.container import unpack
-    from .methods.base import join_bundle, split_bundle
+    from ..codecs import codec_of, get_codec
+    from ..codecs.container import unpack
+    from ..methods.base import join_bundle, split_bundle
 
     if kind == "truncated":
         return payload[: len(payload) // 2]
@@ -93,7 +93,7 @@ class Attack:
     def poison_data(self, data):  # type: ignore[no-untyped-def]
         if self.kind != "label-flip":
             return data
-        from .methods.base import ClientData
+        from ..methods.base import ClientData
 
         classes = int(data.y.max()) + 1 if data.y.numel() else 1
         return ClientData(data.client_id, data.h, (classes - 1 - data.y).clone())
@@ -101,8 +101,8 @@ class Attack:
     def forge_reply(self, reply, ctx, method):  # type: ignore[no-untyped-def]
         import numpy as np
 
-        from .codecs import codec_of
-        from .methods.base import Reply, join_bundle, split_bundle
+        from ..codecs import codec_of
+        from ..methods.base import Reply, join_bundle, split_bundle
 
         k = self.kind
         if k == "forged-samples":

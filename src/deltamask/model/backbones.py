@@ -679,7 +679,7 @@ def _builds_with_size(builder: Callable) -> bool:
 
 
 def _dinov2_small_dir() -> Path:
-    """The converted, checked ``Dinov2Model`` directory (built on first use; :mod:`deltamask.dinov2`)."""
+    """The converted, checked ``Dinov2Model`` directory (built on first use; :mod:`deltamask.model.dinov2`)."""
     from .dinov2 import ConversionError, ensure_converted
 
     try:

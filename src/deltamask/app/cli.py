@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, describe
+from ..config import ConfigError, describe
 
 EXIT_USER_ERROR = 2
 #: a run that started but failed (too many rounds without an update, no node joined): summary.json says why
@@ -27,18 +27,18 @@ DEFAULT_OUT = "runs/latest"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .artifact import ArtifactError
-    from .codecs import CodecError
-    from .data import DataError
-    from .models import ModelError
-    from .state import StateError
+    from ..run.artifact import ArtifactError
+    from ..codecs import CodecError
+    from ..data import DataError
+    from ..model.backbones import ModelError
+    from ..run.state import StateError
 
     return (ConfigError, DataError, ModelError, StateError, ArtifactError, CodecError, FileNotFoundError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .engines.local import run_local
-    from .round import run_target
+    from ..engines.local import run_local
+    from ..run.round import run_target
 
     cfg, out, overwrite, engine = run_target(args.config, args.set, args.out, args.resume, args.overwrite, DEFAULT_OUT)
     # runs/latest is the scratch folder, replaced by every run; a named folder is kept unless asked
@@ -71,7 +71,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import plot_run
+    from ..run.report import plot_run
 
     d = Path(args.dir)
     if not (d / "metrics.jsonl").is_file():
@@ -85,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .artifact import load_artifact
+    from ..run.artifact import load_artifact
 
     model = load_artifact(args.model, weights=args.weights)
     imgs = []
@@ -128,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     for mod, fn in (
-        ("cli_codec", "add_codec_parser"),
-        ("bench", "add_bench_parser"),
-        ("compare", "add_compare_parser"),
-        ("engines.flower.cli", "add_flower_parser"),
+        (".cli_codec", "add_codec_parser"),
+        (".bench", "add_bench_parser"),
+        (".compare", "add_compare_parser"),
+        ("..engines.flower.cli", "add_flower_parser"),
     ):
         adder = _optional(mod, fn)
         if adder is not None:
@@ -141,18 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional(module: str, attr: str) -> Callable[[Any], None] | None:
     import importlib
+    import importlib.util
 
     try:
-        m = importlib.import_module(f".{module}", __package__)
+        m = importlib.import_module(module, __package__)
     except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.{module}" or e.name == "flwr":  # not built yet / Flower not installed
+        if e.name == importlib.util.resolve_name(module, __package__) or e.name == "flwr":  # not built yet / Flower not installed
             return None
         raise
     return getattr(m, attr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import RunFailed
+    from ..errors import RunFailed
 
     parser = build_parser()
     args = parser.parse_args(argv)

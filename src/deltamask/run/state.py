@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .server import ServerState
+from ..fl.aggregation import ServerState
 
 STATE_FILE = "state.safetensors"
 #: 2: alpha/beta are optional (absent when the priors reset every round) and counts use the narrowest

@@ -1,4 +1,4 @@
-"""Image data sets by spec string, client partitioning and model preprocessing.
+"""Image data sets by spec string.
 
 A data set is named by a short *spec* so that command lines and configs stay
 declarative (see :data:`DATASET_FORMS`).  Every loader returns an
@@ -16,14 +16,12 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 __all__ = [
     "DATASET_FORMS",
@@ -32,8 +30,6 @@ __all__ = [
     "ImageSource",
     "take",
     "load_dataset",
-    "partition",
-    "preprocess",
     "subsample",
 ]
 
@@ -813,131 +809,3 @@ def subsample(
         ds.y_test if te is None else ds.y_test[te],
         list(ds.classes),
     )
-
-
-PARTITION_SCHEMES = ("iid", "dirichlet")
-
-
-def partition(
-    labels: np.ndarray,
-    num_clients: int,
-    scheme: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 0,
-    min_partition_size: int = 1,
-) -> list[np.ndarray]:
-    """Split sample indices across clients with flwr-datasets partitioners.
-
-    Returns one sorted int64 index array per client; together they are a partition
-    of ``range(len(labels))``.  ``"iid"`` shuffles (seeded) and then uses
-    ``IidPartitioner`` (which shards contiguously); ``"dirichlet"`` uses
-    ``DirichletPartitioner`` over labels with concentration ``alpha`` (smaller is
-    more skewed), without self-balancing so the label skew follows Dirichlet(alpha).
-    """
-    try:
-        import datasets
-        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-    except ImportError as exc:
-        raise DataError(
-            "partitioning needs 'flwr-datasets' and 'datasets'; install them with "
-            "`pip install flwr-datasets` (or `pip install deltamask[flower]`)"
-        ) from exc
-
-    labels = np.asarray(labels)
-    n = len(labels)
-    scheme_l = scheme.lower()
-    if labels.ndim != 1:
-        raise DataError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
-    if scheme_l not in PARTITION_SCHEMES:
-        raise DataError(f"unknown partition scheme '{scheme}'; use one of {list(PARTITION_SCHEMES)}")
-    if num_clients < 1:
-        raise DataError(f"num_clients must be >= 1, got {num_clients}")
-    if num_clients > n:
-        raise DataError(
-            f"cannot give {num_clients} clients at least one sample each from {n} samples; "
-            "use fewer clients or more training samples"
-        )
-    if min_partition_size > n // num_clients:
-        raise DataError(
-            f"min_partition_size={min_partition_size} is impossible with {n} samples over "
-            f"{num_clients} clients (at most {n // num_clients} each); lower it or use fewer clients"
-        )
-
-    if scheme_l == "iid":
-        perm = np.random.default_rng(seed).permutation(n)
-        table = datasets.Dataset.from_dict({"label": labels[perm], "idx": perm})
-        part: Any = IidPartitioner(num_partitions=num_clients)
-    else:
-        if not alpha > 0:
-            raise DataError(f"Dirichlet alpha must be > 0, got {alpha}")
-        table = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(n)})
-        part = DirichletPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            alpha=float(alpha),
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-    # Arrow format keeps column reads vectorized: under datasets>=4 the default format
-    # returns a lazy Column that np.array() walks row by row (seconds for 60k labels).
-    part.dataset = table.with_format("arrow")
-    try:
-        with warnings.catch_warnings():
-            # The Dirichlet partitioner warns on every resampling attempt; we report failure once.
-            warnings.simplefilter("ignore", UserWarning)
-            out = [
-                np.sort(part.load_partition(i)[:]["idx"].to_numpy().astype(np.int64))
-                for i in range(num_clients)
-            ]
-    except ValueError as exc:
-        raise DataError(
-            f"Dirichlet partitioning (alpha={alpha}, {num_clients} clients, "
-            f"min_partition_size={min_partition_size}) failed: {exc} Raise alpha, lower "
-            "min_partition_size, or use fewer clients."
-        ) from exc
-
-    # Guard the invariant callers rely on: disjoint and covering.
-    flat = np.concatenate(out) if out else np.zeros(0, np.int64)
-    if len(flat) != n or not np.array_equal(np.sort(flat), np.arange(n)):
-        raise RuntimeError(
-            f"{scheme_l} partitioner returned {len(flat)} indices for {n} samples "
-            "(not a partition); this is a bug"
-        )
-    return out
-
-
-def preprocess(
-    x: np.ndarray,
-    size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    batch: int = 1024,
-) -> torch.Tensor:
-    """uint8 images [n,h,w,3] -> normalized float32 [n,3,size,size] for the model.
-
-    Resizes with bilinear interpolation (antialias=True) to a square ``size``, one
-    batch at a time so peak extra memory is bounded by ``batch`` images; the output
-    tensor itself is ``n*3*size*size*4`` bytes.
-    """
-    if x.dtype != np.uint8:
-        raise DataError(f"preprocess expects uint8 images, got {x.dtype}")
-    x = _to_rgb(x, "preprocess") if x.ndim == 3 or (x.ndim == 4 and x.shape[-1] != 3) else x
-    if x.ndim != 4:
-        raise DataError(f"preprocess expects [n, h, w, 3] images, got shape {tuple(x.shape)}")
-    if size < 1 or batch < 1:
-        raise DataError(f"size and batch must be >= 1, got size={size}, batch={batch}")
-    n, h, w, _ = x.shape
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.empty((n, 3, size, size), dtype=torch.float32)
-    for start in range(0, n, batch):
-        chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + batch]))
-        t = chunk.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        if (h, w) != (size, size):
-            t = torch.nn.functional.interpolate(
-                t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-            )
-        out[start:start + len(chunk)] = (t - mean_t) / std_t
-    return out

@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import data as data_mod
-from .config import Config, ConfigError
-from .masking import MaskedNetwork
-from .methods import ClientData, Method, create_method
-from .models import LoadedModel, load_model
-from .prefix_cache import CachePlan, DiskRows, DiskStore, PrefixRows, plan_cache
+from .. import data as data_mod
+from ..config import Config, ConfigError
+from ..model.masking import MaskedNetwork
+from ..methods import ClientData, Method, create_method
+from ..model.backbones import LoadedModel, load_model
+from ..model.prefix_cache import CachePlan, DiskRows, DiskStore, PrefixRows, plan_cache
 
 log = logging.getLogger("deltamask")
 
@@ -40,7 +40,7 @@ def resolve_device(spec: str) -> torch.device:
 @torch.no_grad()
 def prefix_row_shape(net: MaskedNetwork, size: int, device: torch.device) -> tuple[int, ...]:
     """Shape of one image's prefix output (one forward of a blank image), known before any real image
-    is processed so that the cache can be planned (:func:`~deltamask.prefix_cache.plan_cache`)."""
+    is processed so that the cache can be planned (:func:`~deltamask.model.prefix_cache.plan_cache`)."""
     net.eval()
     return tuple(net.prefix(torch.zeros((1, 3, size, size), device=device)).shape[1:])
 
@@ -214,7 +214,7 @@ def client_experiment_from_arrays(
     status: Callable[[str], None] | None = None,
 ) -> Experiment:
     """The Experiment ``build_experiment(cfg, clients=[pid], test=False)`` gives, rebuilt from client
-    ``pid``'s stored prefix outputs and labels (see :mod:`deltamask.node_cache`) instead of from the data
+    ``pid``'s stored prefix outputs and labels (see :mod:`deltamask.engines.flower.node_cache`) instead of from the data
     set: same model (same torch seed before ``load_model``), same partitions, same ``client_data(pid)``.
 
     ``train_h`` (in ``cfg.cache_dtype``) is moved to ``cfg``'s device, or into a disk store when

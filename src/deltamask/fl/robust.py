@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .server import CHUNK, fedavg
+from .aggregation import CHUNK, fedavg
 
 #: the most a reply's metrics may hold (they are written to metrics.jsonl): more is not a client's report
 MAX_METRICS = 64

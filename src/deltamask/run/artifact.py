@@ -39,7 +39,7 @@ class FineTunedModel:
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities for uint8 images [n, h, w, 3] (or [n, h, w] grayscale)."""
-        from .data import preprocess
+        from ..data import preprocess
 
         x = np.asarray(images)
         if x.ndim == 3:
@@ -98,8 +98,8 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
     """Rebuild the fine-tuned network from an artifact (the backbone is loaded from its spec)."""
     from safetensors import safe_open
 
-    from .masking import MaskedNetwork
-    from .models import load_model
+    from ..model.masking import MaskedNetwork
+    from ..model.backbones import load_model
 
     p = Path(path)
     if not p.is_file():

@@ -15,7 +15,7 @@ import numpy as np
 
 def machine_info() -> dict[str, Any]:
     """Where and when: CPU model, cores, versions, GPU availability."""
-    from .codecs._jit import HAVE_NUMBA, num_threads
+    from ..codecs._jit import HAVE_NUMBA, num_threads
 
     cpu = platform.processor()
     try:

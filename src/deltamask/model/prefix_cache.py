@@ -40,7 +40,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 #: storage dtypes by config name
 CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

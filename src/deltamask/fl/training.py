@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .masking import MaskedNetwork
-from .prefix_cache import PrefixRows
+from ..model.masking import MaskedNetwork
+from ..model.prefix_cache import PrefixRows
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """``deltamask bench``: measured benchmarks (scripts, not timed tests). Targets: ``codecs`` and
-``server`` (the server at foundation-model scale, :mod:`deltamask.bench_server`).
+``server`` (the server at foundation-model scale, :mod:`deltamask.app.bench_server`).
 
     deltamask bench codecs [--out DIR] [--n 86000000] [--fractions 0.001,0.005,0.01,0.05] [--repeats 3]
 
@@ -69,8 +69,8 @@ def _timeit(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def bench_codecs(n: int = DEFAULT_N, fractions: list[float] | tuple[float, ...] = DEFAULT_FRACTIONS,
                  repeats: int = 3, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the codec benchmark; returns the JSON-able result."""
-    from .codecs import available_codecs, codec_of, get_codec, log2_binomial
-    from .codecs import fuse
+    from ..codecs import available_codecs, codec_of, get_codec, log2_binomial
+    from ..codecs import fuse
 
     t = time.perf_counter()
     jit_s = fuse.warmup()
@@ -173,7 +173,7 @@ def bench_codecs(n: int = DEFAULT_N, fractions: list[float] | tuple[float, ...] 
 
 def _bench_dense(n: int, fractions: Any, rng: np.random.Generator, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Dense baselines (raw and Bernoulli-coded masks) and the downlink codecs, one repeat each."""
-    from .codecs import get_codec
+    from ..codecs import get_codec
 
     out: list[dict[str, Any]] = []
     frac = 0.01 if 0.01 in fractions else fractions[0]
@@ -193,7 +193,7 @@ def _bench_dense(n: int, fractions: Any, rng: np.random.Generator, log: Callable
                     "encode_s": e, "decode_s": d, "lossless": ok})
     K = 10
     counts = rng.binomial(K, 0.5, size=n)
-    from .codecs.dense import theta_from_counts
+    from ..codecs.dense import theta_from_counts
 
     theta = theta_from_counts(counts, K)
     for name in ("probs-f32", "probs-counts", "probs-q8"):
@@ -271,7 +271,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m deltamask.bench codecs ...``."""
+    """Stand-alone entry: ``python -m deltamask.app.bench codecs ...``."""
     parser = argparse.ArgumentParser(prog="deltamask")
     sub = parser.add_subparsers(dest="command", required=True)
     add_bench_parser(sub)

@@ -36,11 +36,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
-from .config import Config
-from .experiment import Experiment, build_experiment, client_experiment_from_arrays, resolve_device
-from .methods import ClientData
-from .prefix_cache import stored_tensor
+from ... import __version__
+from ...config import Config
+from ...run.experiment import Experiment, build_experiment, client_experiment_from_arrays, resolve_device
+from ...methods import ClientData
+from ...model.prefix_cache import stored_tensor
 
 log = logging.getLogger("deltamask")
 
@@ -113,7 +113,7 @@ def _tree_stat(root: Path, recursive: bool = True) -> Any:
 
 
 def _weights_fingerprint(cfg: Config) -> Any:
-    from .models import DEFAULT_MODEL, RANDOM_WEIGHTS, efficientnet_lite0_weights_path
+    from ...model.backbones import DEFAULT_MODEL, RANDOM_WEIGHTS, efficientnet_lite0_weights_path
 
     if cfg.weights == RANDOM_WEIGHTS:
         return "random"
@@ -130,7 +130,7 @@ def _weights_fingerprint(cfg: Config) -> Any:
 
 
 def _data_fingerprint(cfg: Config) -> Any:
-    from . import data as data_mod
+    from ...data import sources as data_mod
 
     kind, sep, arg = cfg.dataset.strip().partition(":")
     kind = kind.lower()

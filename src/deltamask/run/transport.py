@@ -1,6 +1,6 @@
 """The contract between the round driver and an engine: a transport moves bytes, nothing more.
 
-The driver (:mod:`deltamask.round`) decides who trains, builds every downlink and aggregates; a
+The driver (:mod:`deltamask.run.round`) decides who trains, builds every downlink and aggregates; a
 transport only answers two questions:
 
 * :meth:`Transport.available` -- which client ids can be reached this round;
@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import Failure, Reply
+from ..methods import Failure, Reply
 
 
 @dataclass

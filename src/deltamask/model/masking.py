@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .models import LoadedModel, StagedBackbone, select_masked
+from .backbones import LoadedModel, StagedBackbone, select_masked
 
 
 def logit(p: torch.Tensor, eps: float) -> torch.Tensor:

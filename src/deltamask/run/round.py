@@ -2,7 +2,7 @@
 
     select -> downlink -> transport.exchange -> aggregate -> evaluate -> record -> save
 
-:func:`run_rounds` drives a whole run over a :class:`~deltamask.transport.Transport`: the
+:func:`run_rounds` drives a whole run over a :class:`~deltamask.run.transport.Transport`: the
 local engine moves the bytes in-process, Flower moves them as messages; neither holds round logic.
 Per round: ``K`` clients are drawn from ``(seed, round)`` among those the transport can reach;
 ``method.downlink`` gives each its bytes; the transport returns a reply or a typed
@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import seeding
-from .client import evaluate
-from .config import Config, ConfigError, build_config, from_sources, parse_sets
-from .errors import RunFailed
+from ..fl import seeding
+from ..fl.training import evaluate
+from ..config import Config, ConfigError, build_config, from_sources, parse_sets
+from ..errors import RunFailed
 from .experiment import Experiment
-from .methods import Aggregation, Failure, Reply
-from .robust import Rejected, nonfinite_fields, screen_reply
+from ..methods import Aggregation, Failure, Reply
+from ..fl.robust import Rejected, nonfinite_fields, screen_reply
 from .metrics import append_jsonl, read_jsonl, summarize, truncate_metrics, write_json
-from .server import ServerState
+from ..fl.aggregation import ServerState
 from .state import STATE_FILE, StateError, load_state, save_state
 from .transport import Exchange, Transport
 
@@ -399,7 +399,7 @@ def _resend_stale(exp: Experiment, transport: Transport, state: ServerState, rnd
     """Clients whose cached theta was not the version the server coded against (``StaleCache``: a node
     restarted, a late Flower ClientApp overwrote its state, a damaged cache) get a snapshot in the same
     round: the server forgets what it believed they held and sends again. Both sends are counted."""
-    from .methods.theta_sync import is_stale
+    from ..methods.downlink import is_stale
 
     stale = sorted(c for c, f in ex.failures.items() if is_stale(f.reason))
     if not stale:

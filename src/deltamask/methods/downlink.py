@@ -49,7 +49,7 @@ from ..codecs.dense import (
     lookup,
     theta_from_counts,
 )
-from ..server import ServerState
+from ..fl.aggregation import ServerState
 from .base import ClientFailure, split_bundle
 
 log = logging.getLogger("deltamask")
@@ -297,7 +297,7 @@ class ThetaSync:
 
     def _rebuild(self, theta: np.ndarray, rounds: list[tuple[int, list[bytes]]]) -> tuple[np.ndarray, tuple[str, int, np.ndarray]]:
         """Re-run the server's aggregation of the replayed rounds from ``theta`` (priors reset each round)."""
-        from ..server import MaskAggregator
+        from ..fl.aggregation import MaskAggregator
 
         lv: tuple[str, int, np.ndarray] | None = None
         for rnd, parts in rounds:

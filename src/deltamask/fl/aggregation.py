@@ -332,7 +332,7 @@ class MaskAggregator:
     def theta(self, stat: str, eps: float) -> np.ndarray:
         """The broadcast keep-probabilities: the posterior statistic, clipped, float32."""
         if self.counts_exact:
-            from .codecs.dense import theta_from_counts
+            from ..codecs.dense import theta_from_counts
 
             return theta_from_counts(self.counts(), self.total, stat, eps)
         return posterior(*self.finish(), stat, eps)

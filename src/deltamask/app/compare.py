@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, build_config, read_toml
-from .metrics import read_jsonl
+from ..config import Config, ConfigError, build_config, read_toml
+from ..run.metrics import read_jsonl
 
 COLUMNS = (
     "name",
@@ -144,8 +144,8 @@ LEGACY_VALUES: dict[str, Any] = {"downlink": "snapshot"}
 
 def run_one(name: str, cfg: Config, folder: Path, say: Any = print) -> str:
     """Run, resume or skip one run of the suite; returns what was done."""
-    from .engines.local import run_local
-    from .state import STATE_FILE
+    from ..engines.local import run_local
+    from ..run.state import STATE_FILE
 
     summary = folder / "summary.json"
     cfg_file = folder / "config.json"

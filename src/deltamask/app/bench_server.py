@@ -117,7 +117,7 @@ def random_index_set(rng: np.random.Generator, n: int, density: float) -> np.nda
 
 def synthetic_round(n: int, clients: int, density: float, codec_name: str, seed: int) -> tuple[np.ndarray, list[bytes], int]:
     """(theta_g, client payloads, total keys) for one synthetic round."""
-    from .codecs import get_codec
+    from ..codecs import get_codec
 
     rng = np.random.default_rng(seed)
     theta = np.empty(n, dtype=np.float32)
@@ -139,9 +139,9 @@ def synthetic_round(n: int, clients: int, density: float, codec_name: str, seed:
 def run_case(n: int, clients: int, density: float, codec_name: str = "ans", seed: int = 0,
              device: str | None = None) -> dict[str, Any]:
     """Time one (N, K, density) round on the current server path (run it in a fresh process)."""
-    from .codecs import codec_of, rans
-    from .codecs.dense import ProbsCountsCodec
-    from .server import MaskAggregator, init_state
+    from ..codecs import codec_of, rans
+    from ..codecs.dense import ProbsCountsCodec
+    from ..fl.aggregation import MaskAggregator, init_state
 
     rans.warmup()  # numba compile / cache load, outside every timing
     base_rss = rss_bytes()
@@ -241,8 +241,8 @@ def _old_posterior(alpha: np.ndarray, beta: np.ndarray, stat: str, eps: float) -
 def _old_encode(counts: np.ndarray, total: int, stat: str, eps: float) -> bytes:
     import constriction
 
-    from .codecs.container import pack
-    from .codecs.dense import _COUNTS_PARAMS, _STAT_IDS, ProbsCountsCodec
+    from ..codecs.container import pack
+    from ..codecs.dense import _COUNTS_PARAMS, _STAT_IDS, ProbsCountsCodec
 
     c = np.asarray(counts).astype(np.int64).ravel()
     if c.size and (c.min() < 0 or c.max() > total):
@@ -258,8 +258,8 @@ def _old_encode(counts: np.ndarray, total: int, stat: str, eps: float) -> bytes:
 def _old_decode(data: bytes) -> np.ndarray:
     import constriction
 
-    from .codecs.container import unpack
-    from .codecs.dense import _COUNTS_PARAMS
+    from ..codecs.container import unpack
+    from ..codecs.dense import _COUNTS_PARAMS
 
     c = unpack(data)
     total, stat_id, eps, _, _ = _COUNTS_PARAMS.unpack_from(c.params)
@@ -275,7 +275,7 @@ def _old_decode(data: bytes) -> np.ndarray:
 
 def run_reference_case(n: int, clients: int, density: float, codec_name: str = "ans", seed: int = 0) -> dict[str, Any]:
     """The pre-issue-13 server on the same synthetic round (dense per client)."""
-    from .codecs import codec_of
+    from ..codecs import codec_of
 
     base_rss = rss_bytes()
     floor = bandwidth_floor(n)
@@ -330,7 +330,7 @@ def run_reference_case(n: int, clients: int, density: float, codec_name: str = "
 # --- driver -----------------------------------------------------------------------------------------------
 
 def _in_subprocess(fn: str, kwargs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    code = ("import json, sys; from deltamask import bench_server as b; "
+    code = ("import json, sys; from deltamask.app import bench_server as b; "
             f"print('@@' + json.dumps(b.{fn}(**json.loads(sys.argv[1]))))")
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])

@@ -61,7 +61,7 @@ def add_codec_parser(subparsers: Any) -> None:
 def _read_payload(path: Path) -> bytes:
     data = path.read_bytes()
     if data.startswith(PNG_MAGIC):
-        from .codecs.image import png_to_payload
+        from ..codecs.image import png_to_payload
 
         return png_to_payload(data)
     return data
@@ -77,8 +77,8 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from .codecs import get_codec
-    from .codecs.auto import AutoCodec
+    from ..codecs import get_codec
+    from ..codecs.auto import AutoCodec
 
     if args.codec == "auto":
         codec = AutoCodec(args.max_false_positives, per_key=args.per_key)
@@ -91,9 +91,9 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from .codecs import codec_of
+    from ..codecs import codec_of
 
-    from .codecs.container import CodecError, unpack
+    from ..codecs.container import CodecError, unpack
 
     data = _read_payload(args.input)
     codec = codec_of(data)
@@ -118,8 +118,8 @@ def _decode(args: argparse.Namespace) -> int:
 
 def inspect_payload(data: bytes, png_path: Path | None = None) -> dict[str, Any]:
     """Everything ``inspect`` prints: header fields, sizes, bits per key and the bound."""
-    from .codecs import codec_of, log2_binomial
-    from .codecs.fuse import FuseCodec
+    from ..codecs import codec_of, log2_binomial
+    from ..codecs.fuse import FuseCodec
 
     codec = codec_of(data)
     info = codec.inspect(data)
@@ -142,7 +142,7 @@ def inspect_payload(data: bytes, png_path: Path | None = None) -> dict[str, Any]
         info["bound_bits_per_key"] = bound / k if k else None
         info["over_bound"] = info["total_bits"] / bound - 1 if bound > 0 else None
     if isinstance(codec, FuseCodec):
-        from .codecs.image import payload_to_png
+        from ..codecs.image import payload_to_png
 
         png = payload_to_png(data)
         info["png_bytes"] = len(png)
@@ -161,7 +161,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .codecs import available_codecs, get_codec
+    from ..codecs import available_codecs, get_codec
 
     for name in available_codecs():
         c = get_codec(name)
@@ -171,7 +171,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def run_codec(args: argparse.Namespace) -> int:
     """Handler of ``deltamask codec``: dispatch, and turn every expected failure into one line."""
-    from .codecs import CodecError
+    from ..codecs import CodecError
 
     cmd = getattr(args, "codec_cmd", None)
     handlers = {"encode": _encode, "decode": _decode, "inspect": _inspect, "list": _list}
@@ -192,7 +192,7 @@ def run_codec(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m deltamask.cli_codec codec ...``), for tests and debugging."""
+    """Stand-alone entry (``python -m deltamask.app.cli_codec codec ...``), for tests and debugging."""
     parser = argparse.ArgumentParser(prog="deltamask")
     sub = parser.add_subparsers(dest="command")
     add_codec_parser(sub)

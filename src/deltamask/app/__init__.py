@@ -1,0 +1,1 @@
+"""What users run: the CLI, the codec tool, compare suites, benchmarks."""

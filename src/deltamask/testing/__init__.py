@@ -1,0 +1,1 @@
+"""Hostile payloads and faults for tests and benchmarks; never part of a run's algorithm."""
