@@ -5,7 +5,7 @@
     python benchmarks/ablation.py --out runs/ablation --jobs 8 --set device=cuda    # a GPU machine
 
 Each variant runs with ``downlink=auto``. The downlink policies do not change what is trained (every mode
-rebuilds the server's theta exactly; tests/test_theta_sync.py), so one run gives the bytes of all of them:
+rebuilds the server's theta exactly; tests/methods/test_downlink.py), so one run gives the bytes of all of them:
 each round's ``downlink_candidates`` holds, per client, what a snapshot, the conditional code and the
 replay would have cost. Policies: ``old`` (a snapshot to a stale client, nothing to a current one: the
 downlink before issue 9), ``snapshot`` (the same, plus the 74-byte digest to a current client), ``cond``,

@@ -11,7 +11,7 @@ Every client is selected every round (``clients_per_round = num_clients``, 10 un
 otherwise) and ``--malicious M`` of them (drawn from the seed, the same ids every round) run an attack of
 :data:`deltamask.testing.faults.ATTACKS`, injected exactly where a Flower ClientApp controls the reply (payload,
 ``num_samples``, metrics) or its data (``label-flip``). Sybil partition claims are the Flower transport's
-(``tests/flower``). Defenses: ``off`` (no cap, no outlier rule, no clipping, plain mean: the server before
+(``tests/engines/flower``). Defenses: ``off`` (no cap, no outlier rule, no clipping, plain mean: the server before
 issue 21, less the envelope checks that are always on), ``default`` (the defaults), ``median``
 (``robust_mean=median``) and ``trimmed`` (``robust_mean=trimmed-mean``).
 

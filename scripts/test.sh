@@ -7,8 +7,8 @@ PY=${PYTHON:-python3}
 "$PY" -m pytest -q "$@"
 rc=$?
 [ $rc -ne 0 ] && exit $rc
-# every zoo architecture's 1-round run (tests/test_staging.py; the default set runs one per framework)
-"$PY" -m pytest -q -m slow -p no:cacheprovider tests/test_staging.py
+# every zoo architecture's 1-round run (tests/model/test_staging.py; the default set runs one per framework)
+"$PY" -m pytest -q -m slow -p no:cacheprovider tests/model/test_staging.py
 rc=$?
 [ $rc -ne 0 ] && exit $rc
 "$PY" -m pytest -q -m "flower_deploy or (flower and slow)" -p no:cacheprovider

@@ -33,7 +33,7 @@ def test_same_seed_same_result_on_cuda(tmp_path) -> None:
 
 
 def test_sparse_aggregation_on_cuda_equals_dense_reference() -> None:
-    """The aggregator on CUDA tensors: bit-identical to the dense loop (tests/test_server_sparse.py)."""
+    """The aggregator on CUDA tensors: bit-identical to the dense loop (tests/fl/test_aggregation_sparse.py)."""
     from test_server_sparse import _case
 
     for seed in range(4):

@@ -80,7 +80,7 @@ def test_mask_roundtrip(name: str) -> None:
 @pytest.mark.parametrize("name", available_codecs("array"))
 def test_array_roundtrip(name: str) -> None:
     codec = get_codec(name, "array")
-    if codec.lossy or name == "i64":  # compressors: statistics and sizes are tested in tests/baselines
+    if codec.lossy or name == "i64":  # compressors: statistics and sizes are tested in tests/methods
         a = golden_input(codec)["array"]
         got = codec.decode(codec.encode(a))
         assert got.shape == a.shape and np.isfinite(got).all()

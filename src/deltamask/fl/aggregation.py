@@ -13,7 +13,7 @@ Payloads that only exist densely (filters, whose decode is a query of all N indi
 masks) are added with one O(N) pass over a narrow integer array. ``flips`` and the counts use the
 narrowest unsigned dtype that holds ``0..K`` (one byte per weight up to K = 255).
 
-Exactness: the result is bit-for-bit the one of the obvious dense loop (``tests/test_server.py``
+Exactness: the result is bit-for-bit the one of the obvious dense loop (``tests/fl/test_aggregation.py``
 keeps that loop as the reference). With unweighted masks and integer-valued priors every sum is an
 integer below 2^24, exact in float32 in any order, so ``alpha = prior + counts``. Weighted sums are
 float32 sums whose rounding depends on the order of the clients, so they are replayed client by

@@ -1,7 +1,7 @@
 """A real deployment on 127.0.0.1: ``flower-superlink``, ``flower-supernode`` processes (each with its
 own partition), the app submitted with ``flwr run``, and the run's final status read back with
 ``flwr ls`` (``flwr run`` exits 0 even when the ServerApp fails). The commands are the ones
-docs/flower.md shows ("Deployment" section; tests/flower/test_flower_units.py checks the flags). Every
+docs/flower.md shows ("Deployment" section; tests/engines/flower/test_flower_units.py checks the flags). Every
 process started here is stopped by its process group whatever happens, and so is every process group its
 descendants opened (the SuperLink starts its ``flower-superexec`` in a session of its own). Run with
 ``pytest -m flower_deploy``."""
@@ -29,7 +29,7 @@ from deltamask.run.metrics import read_jsonl  # noqa: E402
 from deltamask.engines.flower.node_cache import cache_counts  # noqa: E402
 
 pytestmark = pytest.mark.flower_deploy
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 APP = ROOT / "examples" / "flower"
 BIN = Path(sys.executable).parent
 
@@ -397,7 +397,7 @@ def test_superlink_restart_and_resume_match_uninterrupted(federation, tmp_path) 
     fed.kill("superlink", sig=signal.SIGKILL)
     # the SuperNodes stay up and reconnect with their node ids and keys (the same --database): a SuperNode
     # restarted without SuperNode authentication comes back with a new key pair, a new identity, and is
-    # refused its partition (issue 21; tests/flower/test_flower_identity.py)
+    # refused its partition (issue 21; tests/engines/flower/test_flower_identity.py)
     fed.start_superlink()
     deadline = time.time() + 120
     while len(fed.online_nodes()) < 2:

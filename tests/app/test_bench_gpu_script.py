@@ -11,7 +11,7 @@ import torch
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -44,7 +44,7 @@ def exp():  # type: ignore[no-untyped-def]
 
 def _method(exp, **kw):  # type: ignore[no-untyped-def]
     """A method over the module's network with the given config (downlink theta sent exactly as float32)."""
-    # crafted masks are whole samples, not kappa-limited deltas: the flip cap and outlier rule (tests/test_attacks.py) stay off
+    # crafted masks are whole samples, not kappa-limited deltas: the flip cap and outlier rule (tests/methods/test_attacks.py) stay off
     cfg = tiny_config(**{"head_warmup_rounds": WARMUP, "downlink_codec": "probs-f32", "eps": EPS, "min_replies": 1,
                          "max_flip_fraction": 1.0, "flip_outlier": 0.0, **kw})
     return create_method(cfg, exp.net)

@@ -1,5 +1,5 @@
 """Crash safety (issue 10, item 5): ``deltamask run`` killed with SIGKILL at the real windows of a run
-(see tests/crash_driver.py), then ``deltamask run --resume DIR``, ends exactly as the uninterrupted run:
+(see tests/run/crash_driver.py), then ``deltamask run --resume DIR``, ends exactly as the uninterrupted run:
 the same metrics.jsonl (timings aside), the same state.safetensors, summary.json and model.safetensors,
 and no stray file. Damaged state or artifact files give one clear error line; nothing a run writes is a
 pickle, and the package never pickles.
@@ -29,7 +29,7 @@ from dmtest import TINY, assert_no_pickle
 from deltamask.app.cli import EXIT_USER_ERROR, main
 from deltamask.run.metrics import TIMING_KEYS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "crash_driver.py"
 ROUNDS = 3  # round 1: head warm-up (mask methods), rounds 2-3: mask rounds
 RUN = {**TINY, "rounds": ROUNDS}

@@ -3,7 +3,7 @@ way (raises, hangs past round-timeout, or sends a truncated, oversized, wrong-co
 payload). The run finishes; every failure is in metrics.jsonl with its reason and kind; each round's
 update equals the aggregation of its healthy replies alone (the run equals one where the same clients
 simply raise); and the server's peak memory while aggregating stays flat (tracemalloc, which numpy
-reports to). The Flower deployment version is in tests/flower/test_flower_deploy.py."""
+reports to). The Flower deployment version is in tests/engines/flower/test_flower_deploy.py."""
 
 from __future__ import annotations
 

@@ -125,8 +125,8 @@ print("RESULT", hit, hashlib.sha256(data.h.numpy().tobytes() + data.y.numpy().to
 def test_processes_racing_on_an_empty_cache_leave_one_entry_reused_later(cfg, ref, tmp_path) -> None:
     """Two client processes build at once (each starts fresh, as in a deployment); the entry they
     leave is valid and the next process hits it."""
-    here = Path(__file__).resolve().parent
-    code = _CHILD.format(paths=[str(here.parent / "src"), str(here)], pid=PID, cache=str(tmp_path))
+    tests_dir = Path(__file__).resolve().parents[2]  # tests/dmtest.py
+    code = _CHILD.format(paths=[str(tests_dir.parent / "src"), str(tests_dir)], pid=PID, cache=str(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]

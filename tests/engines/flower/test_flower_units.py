@@ -17,7 +17,7 @@ from deltamask.engines.flower import records  # noqa: E402
 from deltamask.engines.flower.settings import FLOWER_KEYS, app_config_table, config_hash, resolve  # noqa: E402
 
 pytestmark = pytest.mark.flower
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "flower"
 
 
 def _bundle(n: int) -> bytes:
@@ -148,7 +148,7 @@ def test_check_config_names_an_unknown_key(tmp_path, capsys) -> None:
 def _deployment_commands() -> list[str]:
     """The shell commands of docs/flower.md's first code block under "## Deployment" (continuation
     lines joined)."""
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "flower.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "flower.md").read_text()
     section = doc[doc.index("\n## Deployment"):]
     block = section[section.index("```bash\n") + len("```bash\n"):]
     block = block[: block.index("\n```")]
@@ -159,7 +159,7 @@ def test_docs_deployment_commands_have_the_flags_the_deploy_test_uses() -> None:
     cmds = _deployment_commands()
     link = next(c for c in cmds if "flower-superlink" in c)
     node = next(c for c in cmds if "flower-supernode" in c)
-    # tests/flower/test_flower_deploy.py starts exactly these (on free ports, in their own sessions)
+    # tests/engines/flower/test_flower_deploy.py starts exactly these (on free ports, in their own sessions)
     for flag in ("setsid", "--insecure", "--host 127.0.0.1", "--port 9093", "--database", "--disable-runtime-dependency-installation"):
         assert flag in link, (flag, link)
     for flag in ("setsid", "--insecure", "--superlink 127.0.0.1:9093", "--host 127.0.0.1", "--port $((9094 + i))",
@@ -170,7 +170,7 @@ def test_docs_deployment_commands_have_the_flags_the_deploy_test_uses() -> None:
     assert 'out-dir = "$PWD/' in text  # absolute, one folder per run
     assert "flwr run examples/flower deploy --run-config" in text and "flwr ls deploy --run-id" in text
     assert "kill -- -$(cat supernode$i.pid)" in text and "kill -- -$(cat superlink.pid)" in text  # a SuperNode is stopped by its process group
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "flower.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "flower.md").read_text()
     for words in ("--host 0.0.0.0", "resume = true", "overwrite = true", "finished:failed", "finished:completed",
                   "deltamask flower simulate --resume DIR", "--overwrite", "deltamask run --resume DIR"):
         assert words in doc, words

@@ -15,7 +15,7 @@ from deltamask.engines.local import run_local  # noqa: E402
 from test_flower_loopback import assert_same_run  # noqa: E402
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(Path(__file__).resolve().parents[3] / "src")
 
 
 def test_run_simulation_matches_local_engine(tmp_path, monkeypatch) -> None:

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("flwr")
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 
 #: a log line from any handler in play: Flower's console handler (``INFO :      msg``, maybe colored),

@@ -1,6 +1,6 @@
 """Run the ``deltamask`` CLI and SIGKILL it at one chosen point (used by test_crash_safety.py).
 
-    DM_KILL_AT=POINT[:ROUND] python tests/crash_driver.py run --out DIR --set ...
+    DM_KILL_AT=POINT[:ROUND] python tests/run/crash_driver.py run --out DIR --set ...
 
 The points are the real windows of :func:`deltamask.run.round.run_rounds` (per round: append the
 metrics line, then save_state = write ``state.safetensors.tmp``, fsync, ``os.replace``; at the end:

@@ -49,7 +49,7 @@ ARCHS: dict[str, tuple[str | None, tuple[str, str]]] = {
 # A 1-round run costs 8-26 s per architecture on the shared 2-core CPU machine, so the default suite runs
 # one per framework (plus the two that crashed before generic staging) and the rest are `slow`; the
 # allclose and block checks above run for every architecture by default, and scripts/test.sh (CI) runs
-# every 1-round run as its own step (`pytest -m slow tests/test_staging.py`).
+# every 1-round run as its own step (`pytest -m slow tests/model/test_staging.py`).
 FAST_RUNS = {"timm:resnet18", "timm:vit_tiny_patch16_224", "torchvision:mobilenet_v2", "torchvision:resnet18", "hf:dinov2"}
 SLOW_RUNS = {a for a in ARCHS if a not in FAST_RUNS}
 
