@@ -64,6 +64,8 @@ class Config:
     min_partition_size: int = _f(20, "minimum samples per client for the Dirichlet split")
     weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation")
     min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
+    downhill_rounds: int = _f(3, "report a walk downhill: global accuracy falling at this many consecutive evaluations, or the final accuracy ending downhill_drop below the run's best (record, summary.json, status line; 0 = off)")
+    downhill_drop: float = _f(0.02, "the smallest fall in accuracy (a fraction: 0.02 = 2 points) that downhill_rounds reports")
     max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too")
     # --- untrusted clients (robust.py; benchmarks/bench_attacks.py) ---
     max_flip_fraction: float = _f(0.0, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected; 0 = the protocol's own bound ceil(kappa * N), which no honest client exceeds")
@@ -194,6 +196,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")
     need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")
     need(1 <= cfg.min_replies <= cfg.clients_per_round, "min_replies", f"must be in 1..clients_per_round={cfg.clients_per_round} (more replies than clients per round can never arrive)")
+    need(cfg.downhill_rounds >= 0, "downhill_rounds", "must be >= 0 (0 = off)")
+    need(0.0 <= cfg.downhill_drop <= 1.0, "downhill_drop", "must be in [0, 1] (a fraction of accuracy)")
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
     need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
     need(cfg.cache_ram_mb >= 0, "cache_ram_mb", "must be >= 0 (0 = no limit)")

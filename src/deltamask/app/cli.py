@@ -52,6 +52,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{summary.get('total_uplink_bytes', 0):,} B up / {summary.get('total_downlink_bytes', 0):,} B down, "
         f"{summary.get('elapsed_seconds', 0):.0f}s -> {out}"
     )
+    if summary.get("downhill"):
+        from ..run.round import describe_downhill
+
+        print(f"{cfg.method}: WALKED DOWNHILL: {describe_downhill(summary['downhill'])} (summary.json 'downhill')")
     return 0
 
 

@@ -90,6 +90,52 @@ def _mean_present(records: list[dict[str, Any]], key: str) -> float | None:
     return float(sum(vals) / len(vals)) if vals else None
 
 
+def falling_streak(records: list[dict[str, Any]], min_rounds: int, min_drop: float) -> dict[str, Any] | None:
+    """The fall the trajectory ends in, if it is one: the evaluated accuracy fell at each of the last
+    ``min_rounds`` or more evaluations in a row, by ``min_drop`` or more in all. ``{"from_round",
+    "to_round", "rounds", "from_accuracy", "to_accuracy", "fall"}``, else None (``min_rounds`` 0: off)."""
+    if min_rounds <= 0:
+        return None
+    evals = [(r["round"], r["accuracy"]) for r in records if r.get("accuracy") is not None]
+    k = 0  # consecutive decreases at the end
+    while k + 1 < len(evals) and evals[-1 - k][1] < evals[-2 - k][1]:
+        k += 1
+    if k < min_rounds:
+        return None
+    (r0, a0), (r1, a1) = evals[-1 - k], evals[-1]
+    if a0 - a1 < min_drop:
+        return None
+    return {"from_round": r0, "to_round": r1, "rounds": k, "from_accuracy": a0, "to_accuracy": a1, "fall": a0 - a1}
+
+
+def downhill_report(records: list[dict[str, Any]], min_rounds: int, min_drop: float) -> dict[str, Any] | None:
+    """What ``summary.json`` says of a run that walked downhill, or None: every falling streak of
+    ``min_rounds``+ consecutive decreases by ``min_drop``+ in all (``falls``), and ``below_best`` when the
+    final accuracy ends ``min_drop`` or more below the run's best (the best's round, the gap)."""
+    if min_rounds <= 0:
+        return None
+    falls: list[dict[str, Any]] = []
+    for i in range(len(records)):
+        cur = falling_streak(records[: i + 1], min_rounds, min_drop)
+        if cur is None:
+            continue
+        if falls and falls[-1]["from_round"] == cur["from_round"]:
+            falls[-1] = cur  # the same streak, one round longer
+        else:
+            falls.append(cur)
+    evals = [(r["round"], r["accuracy"]) for r in records if r.get("accuracy") is not None]
+    out: dict[str, Any] = {}
+    if falls:
+        out["falls"] = falls
+    if evals:
+        best_round, best = max(evals, key=lambda e: (e[1], -e[0]))
+        last_round, last = evals[-1]
+        if best - last >= min_drop:
+            out["below_best"] = {"best_round": best_round, "best_accuracy": best, "final_round": last_round,
+                                 "final_accuracy": last, "gap": best - last}
+    return out or None
+
+
 def summarize(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """summary.json from the per-round records plus run metadata (method, model, N, config...)."""
     accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]

@@ -35,7 +35,7 @@ from ..errors import RunFailed
 from .experiment import Experiment
 from ..methods import Aggregation, Failure, Reply
 from ..fl.robust import Rejected, nonfinite_fields, screen_reply
-from .metrics import append_jsonl, read_jsonl, summarize, truncate_metrics, write_json
+from .metrics import append_jsonl, downhill_report, falling_streak, read_jsonl, summarize, truncate_metrics, write_json
 from ..fl.aggregation import ServerState
 from .state import STATE_FILE, StateError, load_state, save_state
 from .transport import Exchange, Transport
@@ -43,7 +43,7 @@ from .transport import Exchange, Transport
 log = logging.getLogger("deltamask")
 
 #: config keys that may differ when resuming (they do not change the computation)
-RESUME_OVERRIDABLE = ("rounds", "progress", "device", "max_skipped_rounds")
+RESUME_OVERRIDABLE = ("rounds", "progress", "device", "max_skipped_rounds", "downhill_rounds", "downhill_drop")
 #: files a run writes; a fresh run refuses a folder holding any of them unless asked to overwrite
 RUN_FILES = ("metrics.jsonl", STATE_FILE, "summary.json", "model.safetensors", "config.json", "accuracy.png", "bpp.png")
 
@@ -244,6 +244,9 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     summary = summarize(records, meta)
     summary["engine"] = engine
     summary["status"] = "failed" if failure else "completed"
+    summary["downhill"] = downhill = downhill_report(records, exp.cfg.downhill_rounds, exp.cfg.downhill_drop)
+    if downhill:
+        log.warning("the run walked downhill: %s", describe_downhill(downhill))
     if failure:
         summary["failure"] = failure
     summary["setup_seconds"] = exp.setup_seconds
@@ -254,6 +257,16 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     if refused:
         raise RunFailed(refused)
     return summary
+
+
+def describe_downhill(d: dict[str, Any]) -> str:
+    """One line for a :func:`~deltamask.run.metrics.downhill_report`."""
+    parts = [f"accuracy fell {f['from_accuracy']:.4f} -> {f['to_accuracy']:.4f} over rounds {f['from_round']}-{f['to_round']}"
+             for f in d.get("falls", [])]
+    if "below_best" in d:
+        b = d["below_best"]
+        parts.append(f"final {b['final_accuracy']:.4f} is {b['gap']:.4f} below the best {b['best_accuracy']:.4f} (round {b['best_round']})")
+    return "; ".join(parts)
 
 
 class Progress:
@@ -279,6 +292,9 @@ class Progress:
         acc_s = f"acc {acc:.4f}" if acc is not None else "acc -"
         fails = f" | {len(rec['failures'])} failed" if rec["failures"] else ""
         skipped = " | no update" if rec["skipped_update"] else ""
+        fall = rec.get("falling")
+        if fall:
+            skipped += f" | FALLING {fall['rounds']} rounds ({fall['from_accuracy']:.4f} -> {fall['to_accuracy']:.4f})"
         line = (
             f"[round {rec['round']}/{self.total}] {rec['phase']:4s} | clients {rec['num_replies']}/{len(rec['selected'])} | "
             f"{acc_s} | up {rec['uplink_bpp']:.4f} bpp | down {rec['downlink_bpp']:.4f} bpp | "
@@ -451,6 +467,12 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
     evaluation = evaluate_global(exp, state, rnd) if (rnd % cfg.eval_every == 0 or rnd == cfg.rounds) else None
     rec = round_record(exp, rnd, selected, down_bits, replies, failures, agg, evaluation, time.time() - t0)
     rec.update(ex.fields)
+    if evaluation is not None:
+        fall = falling_streak([*read_jsonl(out / "metrics.jsonl"), rec], cfg.downhill_rounds, cfg.downhill_drop)
+        if fall:
+            rec["falling"] = fall
+            log.warning("round %d: global accuracy fell %s rounds in a row (%.4f -> %.4f, round %d on)", rnd, fall["rounds"],
+                        fall["from_accuracy"], fall["to_accuracy"], fall["from_round"])
     if resent:
         rec["stale_resent"] = resent
     append_jsonl(out / "metrics.jsonl", rec)

@@ -65,7 +65,7 @@ IGNORED_KEYS: frozenset[str] = frozenset(
         "eval_every", "eval_sampled", "progress",
         "weight_lr", "qsgd_levels", "qsgd_bucket", "signsgd_mode", "topk_ratio", "drive_scale",
         "eden_bits", "rotation_block", "lora_rank", "lora_alpha", "lora_dtype",
-        "max_skipped_rounds",
+        "max_skipped_rounds", "downhill_rounds", "downhill_drop",
         "max_flip_fraction", "flip_outlier", "clip_factor", "robust_mean", "trim_fraction", "max_abs_param",
         "cache_ram_mb", "prefix_cache", "cache_dir",  # where the arrays live, not what they are (cache_dtype is keyed)
     }

@@ -21,7 +21,7 @@ from ...config import ENGINE_KEYS, Config, ConfigError, build_config, split_engi
 FLOWER_KEYS: dict[str, tuple[Any, str]] = ENGINE_KEYS
 
 #: keys that may differ between server and clients without changing the computation
-HASH_EXCLUDED = ("progress", "device", "max_skipped_rounds")
+HASH_EXCLUDED = ("progress", "device", "max_skipped_rounds", "downhill_rounds", "downhill_drop")
 
 
 @dataclass(frozen=True)
