@@ -89,6 +89,8 @@ class Config:
     posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"))
     head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
     train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
+    head_server_lr: float = _f(1.0, "train_head: the server moves the global head this fraction of the way to the clients' combined head each mask round (1 = plain FedAvg; < 1 damps the swing that a few label-skewed clients give it)")
+    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced where the head is trained jointly (train_head=true), else ce", ("auto", "ce", "balanced"))
     # --- DeltaMask ---
     kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)")
     kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
@@ -196,6 +198,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")
     need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")
     need(1 <= cfg.min_replies <= cfg.clients_per_round, "min_replies", f"must be in 1..clients_per_round={cfg.clients_per_round} (more replies than clients per round can never arrive)")
+    need(0.0 < cfg.head_server_lr <= 1.0, "head_server_lr", "must be in (0, 1] (1 = plain FedAvg of the heads)")
     need(cfg.downhill_rounds >= 0, "downhill_rounds", "must be >= 0 (0 = off)")
     need(0.0 <= cfg.downhill_drop <= 1.0, "downhill_drop", "must be in [0, 1] (a fraction of accuracy)")
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")
@@ -254,6 +257,28 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 #: engine keys: where and how a run executes, never what it computes. Flower's ``run_config`` takes
 #: them beside the experiment keys, and a preset may hold them too (``deltamask run --config`` uses
 #: ``out-dir``; the others steer the Flower engine only). (default, help)
+def client_loss_of(cfg: Config) -> str:
+    """The local loss ``client_loss`` resolves to: ``auto`` is ``balanced`` with a jointly trained head."""
+    if cfg.client_loss == "auto":
+        return "balanced" if cfg.train_head else "ce"
+    return cfg.client_loss
+
+
+def stability_warnings(cfg: Config) -> list[str]:
+    """Settings measured to make a run unstable (issue 25), said when the run starts rather than found in
+    its trajectory: each a line naming the setting and what to set instead."""
+    out = []
+    skewed = cfg.partition == "dirichlet" and cfg.clients_per_round < cfg.num_clients
+    if cfg.method in ("deltamask", "fedpm") and cfg.train_head and cfg.client_loss == "ce" and skewed:
+        out.append(
+            "train_head=true with client_loss=ce on label-skewed clients (partition=dirichlet, "
+            f"{cfg.clients_per_round} of {cfg.num_clients} per round): the jointly trained head swings with the clients "
+            "selected each round (benchmarks/RESULTS.md, skewed clients); client_loss=balanced (the default with "
+            "train_head) keeps it steadier"
+        )
+    return out
+
+
 ENGINE_KEYS: dict[str, tuple[Any, str]] = {
     "out-dir": ("", "where the run is written; Flower: an absolute path (empty: ~/deltamask-runs/flower-RUN_ID)"),
     "round-timeout": (600.0, "seconds the server waits for a round's replies; a client not back by then is dropped (Flower; the local engine only when a run sets it)"),

@@ -4,6 +4,7 @@
                    fresh straight-through Bernoulli mask per forward pass, the head frozen.
 ``train_head``     local linear probing: the head trained on fixed features (FedAvg's local step).
 ``evaluate``       accuracy and loss of the network under a fixed mask.
+``label_log_prior`` a client's log label frequencies, for the balanced loss (logit adjustment).
 
 Inputs are *prefix outputs* (the cached, mask-independent part of the backbone) so a local epoch
 costs only the masked part.
@@ -29,6 +30,23 @@ class TrainResult:
     steps: int
 
 
+def label_log_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of the client's label frequencies, Laplace-smoothed: ``log((n_c + 1) / (n + C))``, float32 [C].
+
+    Added to the logits in the local loss (balanced softmax; logit adjustment as in FedLC, Zhang et al.
+    2022), it lets the client's own label skew explain its labels, so local training fits the classes apart
+    instead of pulling the model (mask or head) towards the classes this client happens to hold. Evaluation
+    uses the plain logits."""
+    counts = torch.bincount(y.to(torch.int64).cpu(), minlength=num_classes)[:num_classes].to(torch.float64)
+    return torch.log((counts + 1.0) / (counts.sum() + num_classes)).to(torch.float32)
+
+
+def _loss(logits: torch.Tensor, yb: torch.Tensor, log_prior: torch.Tensor | None) -> torch.Tensor:
+    if log_prior is None:
+        return F.cross_entropy(logits, yb)
+    return F.cross_entropy(logits + log_prior.to(logits.device), yb)
+
+
 def _batches(n: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=g)
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -44,17 +62,19 @@ def run_epochs(
     batch_size: int,
     shuffle_gen: torch.Generator,
     before_forward: Callable[[], None],
+    log_prior: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """The local loop every trained method shares: shuffled mini-batches of prefix outputs, cross-entropy
     of the network's logits, one optimizer step each. ``before_forward`` sets what varies per step (a
-    fresh sampled mask, the current weight change). Returns (mean loss, steps)."""
+    fresh sampled mask, the current weight change); ``log_prior`` (:func:`label_log_prior`) makes it the
+    balanced loss. Returns (mean loss, steps)."""
     total, steps = 0.0, 0
     dev = net.scores.device
     for _ in range(epochs):
         for idx in _batches(h.shape[0], batch_size, shuffle_gen):
             xb, yb = h[idx].to(dev, torch.float32), y[idx].to(dev)  # stored rows may be fp16 / bf16 / on disk
             before_forward()
-            loss = F.cross_entropy(net.forward_from_prefix(xb), yb)
+            loss = _loss(net.forward_from_prefix(xb), yb, log_prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -77,6 +97,7 @@ def train_scores(
     mask_gen: torch.Generator,
     train_head: bool = False,
     head_lr: float = 0.01,
+    log_prior: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train the mask scores (and optionally the head) on prefix outputs ``h`` with labels ``y``."""
     net.set_scores_from_probs(theta_g, eps)
@@ -89,7 +110,7 @@ def train_scores(
     net.train()
     mean_loss, steps = run_epochs(
         net, h, y, opt, epochs=epochs, batch_size=batch_size, shuffle_gen=shuffle_gen,
-        before_forward=lambda: net.use_sampled_mask(mask_gen),
+        before_forward=lambda: net.use_sampled_mask(mask_gen), log_prior=log_prior,
     )
     net.use_fixed_mask(None)
     net.scores.requires_grad_(False)
@@ -110,8 +131,10 @@ def train_head(
     batch_size: int,
     lr: float,
     shuffle_gen: torch.Generator,
+    log_prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Adam on a linear head over fixed features; returns (weight, bias, mean loss)."""
+    """Adam on a linear head over fixed features (the balanced loss with ``log_prior``); returns (weight,
+    bias, mean loss)."""
     w = weight.detach().clone().requires_grad_(True)
     b = bias.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=lr)
@@ -119,7 +142,7 @@ def train_head(
     for _ in range(epochs):
         for idx in _batches(feats.shape[0], batch_size, shuffle_gen):
             fb, yb = feats[idx].to(w.device), y[idx].to(w.device)
-            loss = F.cross_entropy(F.linear(fb, w, b), yb)
+            loss = _loss(F.linear(fb, w, b), yb, log_prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..fl import seeding
-from ..fl.training import compute_features, train_head, train_scores
+from ..fl.training import compute_features, label_log_prior, train_head, train_scores
 from ..codecs import (
     CodecError,
     IndexCodec,
@@ -36,7 +36,7 @@ from ..codecs.container import unpack
 from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
-from ..config import ConfigError
+from ..config import ConfigError, client_loss_of
 from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers
 from ..fl.aggregation import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .downlink import ThetaSync, kl_floor_bits
@@ -118,9 +118,16 @@ class _HeadRounds(Method):
             batch_size=self.cfg.batch_size,
             lr=self.cfg.head_lr,
             shuffle_gen=seeding.generator(ctx.seed, ctx.round, ctx.client_id, "shuffle"),
+            log_prior=self.log_prior(data),
         )
         payload = self.encode_head(w2.cpu().numpy(), b2.cpu().numpy())
         return Reply(ctx.client_id, payload, data.num_samples, {"train_loss": loss})
+
+    def log_prior(self, data: ClientData) -> torch.Tensor | None:
+        """The client's log label frequencies for ``client_loss=balanced`` (None: plain cross-entropy)."""
+        if client_loss_of(self.cfg) != "balanced":
+            return None
+        return label_log_prior(data.y, self.net.head.out_features)
 
     def head_round_aggregate(self, state: ServerState, replies: list[Reply]) -> Aggregation:
         heads, weights, ids, dropped = [], [], [], []
@@ -146,12 +153,15 @@ class _HeadRounds(Method):
         check_values(b, self.cfg.max_abs_param, "head bias")
         return w, b
 
-    def combine_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int]) -> list[dict[str, Any]]:
+    def combine_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int],
+                      step: float = 1.0) -> list[dict[str, Any]]:
         """The new global head from the clients' heads: each client's weight and bias updates norm-clipped,
         each to ``clip_factor`` times the round's median of that tensor's update norms (a bias pushed hard
         is clipped against the other biases, not hidden in the weight matrix's larger norm), then combined by
-        ``robust_mean``. Returns the per-client record (update norms, the scales where clipped)."""
+        ``robust_mean``; with ``step`` < 1 the global head moves only that fraction of the way there (a server
+        step size). Returns the per-client record (update norms, the scales where clipped)."""
         cfg = self.cfg
+        old_w, old_b = state.head_weight, state.head_bias
         ws, nw, sw = clip_to_median([h[0] for h in heads], state.head_weight, cfg.clip_factor)
         bs, nb, sb = clip_to_median([h[1] for h in heads], state.head_bias, cfg.clip_factor)
         if cfg.robust_mean == "mean":  # where nothing is clipped, exactly the plain FedAvg of the heads as sent
@@ -162,6 +172,10 @@ class _HeadRounds(Method):
             base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)])
             value = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, 0.0).value
             state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
+        if step != 1.0:  # exactly the combined head at 1
+            s32 = np.float32(step)
+            state.head_weight = (old_w + s32 * (state.head_weight - old_w)).astype(np.float32)
+            state.head_bias = (old_b + s32 * (state.head_bias - old_b)).astype(np.float32)
         return [{"client": cid, "update_norm": float(np.hypot(a, b_)), "weight_norm": a, "bias_norm": b_,
                  **clip_fields([("weight update", a, x), ("bias update", b_, y)])}
                 for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb)]
@@ -286,6 +300,7 @@ class MaskMethod(_HeadRounds):
             mask_gen=seeding.generator(ctx.seed, ctx.round, ctx.client_id, "mask-train", dev),
             train_head=self.cfg.train_head,
             head_lr=self.cfg.head_lr,
+            log_prior=self.log_prior(data),
         )
         g = seeding.generator(ctx.seed, ctx.round, ctx.client_id, "mask-sample", dev)
         theta_k = res.theta
@@ -402,7 +417,7 @@ class MaskMethod(_HeadRounds):
         replayable = exact and self.cfg.reset_every == 1 and not self.cfg.weighted and isinstance(codec, ProbsCountsCodec)
         self.sync.register(state, accepted_parts if replayable else None, round_)
         if heads:
-            for rec in self.combine_heads(state, heads, head_w, head_ids):
+            for rec in self.combine_heads(state, heads, head_w, head_ids, self.cfg.head_server_lr):
                 stats = next(c for c in per_client if c["client"] == rec["client"])
                 stats.update({f"head_{k}" if k != "client" else k: v for k, v in rec.items()})
             state.head_version += 1

@@ -30,7 +30,7 @@ import torch
 
 from ..fl import seeding
 from ..fl.training import evaluate
-from ..config import Config, ConfigError, build_config, from_sources, parse_sets
+from ..config import Config, ConfigError, build_config, from_sources, parse_sets, stability_warnings
 from ..errors import RunFailed
 from .experiment import Experiment
 from ..methods import Aggregation, Failure, Reply
@@ -376,6 +376,8 @@ def run_rounds(
         f"{cfg.method} on {cfg.model} / {cfg.dataset} ({transport.name}): N={exp.net.num_masked:,} masked of "
         f"{exp.net.num_backbone_params:,} backbone params, {cfg.num_clients} clients, {cfg.clients_per_round}/round -> {out}"
     )
+    for warning in stability_warnings(cfg):
+        log.warning("%s", warning)
     try:
         transport.start()
         for rnd in range(state.round + 1, cfg.rounds + 1):

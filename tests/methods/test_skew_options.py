@@ -1,0 +1,119 @@
+"""Issue 25 options against label skew: the balanced client loss (logit adjustment) and the server step size
+of a jointly trained head, each pinned against an obvious reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmtest import tiny_config
+from deltamask.fl.training import _loss, label_log_prior, train_head
+
+
+def test_label_log_prior_is_the_smoothed_log_frequency() -> None:
+    y = torch.tensor([0, 0, 0, 2, 2, 4])
+    got = label_log_prior(y, 5).tolist()
+    n, c = 6, 5
+    counts = [sum(1 for v in y.tolist() if v == k) for k in range(c)]
+    assert got == pytest.approx([math.log((counts[k] + 1) / (n + c)) for k in range(c)], rel=1e-6)
+    assert sum(math.exp(v) for v in got) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_balanced_loss_is_cross_entropy_of_the_adjusted_logits() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=g)
+    y = torch.tensor([0, 1, 1, 3, 0, 2, 1])
+    lp = label_log_prior(torch.tensor([0, 0, 0, 1, 3]), 4)
+    want = 0.0
+    for row, t in zip(logits.tolist(), y.tolist()):  # -log softmax(z + log pi)[t], by hand
+        z = [a + b for a, b in zip(row, lp.tolist())]
+        want += -(z[t] - math.log(sum(math.exp(v) for v in z)))
+    assert float(_loss(logits, y, lp)) == pytest.approx(want / len(y), rel=1e-5)
+    assert torch.equal(_loss(logits, y, None), torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_a_skewed_client_moves_the_head_towards_its_classes_only_without_the_balanced_loss() -> None:
+    """The point of the option: on features that carry no class information, a client holding 90% class 0
+    learns a head that predicts class 0 (its prior) with plain cross-entropy, and stays near the uniform
+    prior with the balanced loss, whose log prior already explains the skew."""
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(400, 8, generator=g)
+    y = torch.cat([torch.zeros(360, dtype=torch.int64), torch.ones(40, dtype=torch.int64)])
+    w0, b0 = torch.zeros(2, 8), torch.zeros(2)
+    kw = dict(epochs=20, batch_size=64, lr=0.05)
+    _, b_ce, _ = train_head(w0, b0, feats, y, shuffle_gen=torch.Generator().manual_seed(0), **kw)
+    _, b_bal, _ = train_head(w0, b0, feats, y, shuffle_gen=torch.Generator().manual_seed(0),
+                             log_prior=label_log_prior(y, 2), **kw)
+    assert float(b_ce[0] - b_ce[1]) > 1.5  # log(360/40) = 2.2: plain CE learns the client's prior
+    assert abs(float(b_bal[0] - b_bal[1])) < 0.3
+
+
+def test_head_server_step_moves_the_head_part_of_the_way(tmp_path) -> None:
+    from deltamask.run.experiment import build_experiment
+
+    exp = build_experiment(tiny_config(train_head=True, head_server_lr=0.25), test=False)
+    m = exp.method
+    state = m.init_state()
+    old_w, old_b = state.head_weight.copy(), state.head_bias.copy()
+    rng = np.random.default_rng(0)
+    heads = [(old_w + rng.normal(size=old_w.shape).astype(np.float32), old_b + rng.normal(size=old_b.shape).astype(np.float32))
+             for _ in range(3)]
+    m.combine_heads(state, heads, [1.0, 1.0, 1.0], [0, 1, 2], step=0.25)
+    mean_w = sum(h[0].astype(np.float64) for h in heads) / 3
+    mean_b = sum(h[1].astype(np.float64) for h in heads) / 3
+    np.testing.assert_allclose(state.head_weight, old_w + 0.25 * (mean_w - old_w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.head_bias, old_b + 0.25 * (mean_b - old_b), rtol=1e-5, atol=1e-6)
+    # step 1 is exactly the combined head (no arithmetic on it)
+    state2 = m.init_state()
+    m.combine_heads(state2, heads, [1.0, 1.0, 1.0], [0, 1, 2], step=1.0)
+    from deltamask.fl.aggregation import fedavg
+
+    assert np.array_equal(state2.head_weight, fedavg([h[0] for h in heads], [1.0, 1.0, 1.0]))
+
+
+def test_the_defaults_leave_runs_bit_identical(tmp_path) -> None:
+    """head_server_lr=1 is exactly today's computation; balanced changes the result, and is what auto
+    resolves to with a joint head."""
+    import json
+
+    from deltamask.engines.local import run_local
+
+    keys = ("accuracy", "loss", "uplink_bits", "downlink_bits")
+
+    def recs(**kw):  # type: ignore[no-untyped-def]
+        out = tmp_path / "-".join(f"{k}{v}" for k, v in kw.items())
+        run_local(tiny_config(rounds=2, train_head=True, **kw), out)
+        return [[json.loads(x).get(k) for k in keys] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    base = recs(client_loss="ce")
+    assert recs(client_loss="ce", head_server_lr=1.0) == base
+    assert recs(client_loss="balanced") != base
+    assert recs() == recs(client_loss="balanced")  # auto with train_head
+
+
+def test_an_unstable_joint_head_is_said_when_the_run_starts(tmp_path, caplog) -> None:
+    from deltamask.config import stability_warnings
+    from deltamask.engines.local import run_local
+
+    skewed = dict(train_head=True, partition="dirichlet", num_clients=3, clients_per_round=2)
+    assert stability_warnings(tiny_config(**skewed, client_loss="ce"))
+    assert not stability_warnings(tiny_config(**skewed))  # auto: balanced with a joint head
+    assert not stability_warnings(tiny_config(**skewed, client_loss="balanced"))
+    assert not stability_warnings(tiny_config(**{**skewed, "clients_per_round": 3}, client_loss="ce"))  # every client each round
+    assert not stability_warnings(tiny_config(**{**skewed, "partition": "iid"}, client_loss="ce"))
+    assert not stability_warnings(tiny_config(**{**skewed, "train_head": False}, client_loss="ce"))
+    with caplog.at_level("WARNING", logger="deltamask"):
+        run_local(tiny_config(**skewed, client_loss="ce", rounds=1), tmp_path / "run")
+    assert any("client_loss=balanced (the default with train_head) keeps it steadier" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_client_loss_is_balanced_only_with_a_joint_head() -> None:
+    from deltamask.config import client_loss_of
+
+    assert client_loss_of(tiny_config()) == "ce"
+    assert client_loss_of(tiny_config(train_head=True)) == "balanced"
+    assert client_loss_of(tiny_config(train_head=True, client_loss="ce")) == "ce"
+    assert client_loss_of(tiny_config(client_loss="balanced")) == "balanced"
