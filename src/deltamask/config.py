@@ -86,6 +86,7 @@ class Config:
     theta0: float = _f(0.99, "initial keep-probability of every masked weight")
     eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit")
     reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)")
+    posterior_memory: float = _f(0.0, "mask methods: the Beta posterior keeps this fraction of the earlier rounds' evidence (alpha, beta decay towards Beta(1,1)) instead of resetting each round, so one round's few clients move theta less (0 = reset_every decides; needs reset_every 0 or 1; theta then goes down quantized, not as counts)")
     posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"))
     head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
     train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
@@ -193,6 +194,9 @@ def _validate(cfg: Config) -> None:
     need(cfg.alpha > 0, "alpha", "must be > 0")
     need(cfg.masked_blocks >= 1 or cfg.mask_pattern != "", "masked_blocks", "must be >= 1 (or set mask_pattern)")
     need(cfg.reset_every >= 0, "reset_every", "must be >= 0")
+    need(0.0 <= cfg.posterior_memory < 1.0, "posterior_memory", "must be in [0, 1) (0 = off)")
+    need(cfg.posterior_memory == 0.0 or cfg.reset_every in (0, 1), "posterior_memory",
+         "replaces the periodic reset: use it with reset_every 0 or 1")
     need(cfg.downlink_history >= 1, "downlink_history", "must be >= 1")
     need(cfg.head_warmup_rounds >= 0, "head_warmup_rounds", "must be >= 0")
     need(cfg.image_size >= 0, "image_size", "must be >= 0 (0 = the model's own size)")

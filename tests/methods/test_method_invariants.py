@@ -99,9 +99,12 @@ def ref_posterior(alpha: np.ndarray, beta: np.ndarray, stat: str, eps: float) ->
     return np.array(out, dtype=np.float32)
 
 
-def ref_aggregate(alpha, beta, masks, weights, rnd: int, reset_every: int, weighted: bool):  # type: ignore[no-untyped-def]
-    """(alpha, beta, counts) after one round."""
-    if reset_every > 0 and (rnd - 1) % reset_every == 0:
+def ref_aggregate(alpha, beta, masks, weights, rnd: int, reset_every: int, weighted: bool, memory: float = 0.0):  # type: ignore[no-untyped-def]
+    """(alpha, beta, counts) after one round; with a ``memory`` m > 0 no reset, the earlier evidence
+    decays: alpha = 1 + m (alpha - 1) before the round's masks are added (issue 25)."""
+    if memory > 0:
+        alpha, beta = 1 + memory * (alpha.astype(np.float64) - 1), 1 + memory * (beta.astype(np.float64) - 1)
+    elif reset_every > 0 and (rnd - 1) % reset_every == 0:
         alpha, beta = np.ones_like(alpha, dtype=np.float64), np.ones_like(beta, dtype=np.float64)
     else:
         alpha, beta = alpha.astype(np.float64), beta.astype(np.float64)
@@ -252,20 +255,22 @@ def _crafted_reply(method, cid: int, m: np.ndarray, theta_g: np.ndarray, samples
 
 
 @pytest.mark.parametrize(
-    "method_name,reset_every,stat,weighted",
+    "method_name,reset_every,stat,weighted,memory",
     [
-        ("deltamask", 1, "mean", False),
-        ("deltamask", 0, "mode", False),
-        ("deltamask", 2, "mean", True),
-        ("fedpm", 2, "mode", False),
-        ("fedpm", 0, "mean", True),
+        ("deltamask", 1, "mean", False, 0.0),
+        ("deltamask", 0, "mode", False, 0.0),
+        ("deltamask", 2, "mean", True, 0.0),
+        ("fedpm", 2, "mode", False, 0.0),
+        ("fedpm", 0, "mean", True, 0.0),
+        ("deltamask", 1, "mode", False, 0.5),
+        ("fedpm", 0, "mean", True, 0.7),
     ],
 )
-def test_aggregation_and_posterior_over_rounds(exp, method_name: str, reset_every: int, stat: str, weighted: bool) -> None:  # noqa: ANN001
+def test_aggregation_and_posterior_over_rounds(exp, method_name: str, reset_every: int, stat: str, weighted: bool, memory: float) -> None:  # noqa: ANN001
     """Three mask rounds of three clients with known masks; after each round alpha, beta, the counts and the
     broadcast theta equal the reference (priors reset at rounds 1, 1 + R, ...)."""
     method = _method(exp, method=method_name, codec="golomb" if method_name == "deltamask" else "bitpack",
-                     reset_every=reset_every, posterior=stat, weighted=weighted)
+                     reset_every=reset_every, posterior=stat, weighted=weighted, posterior_memory=memory)
     state = _install_theta(method, _theta_with_halves(method.n, 8))
     n = method.n
     rng = np.random.default_rng(9)
@@ -279,11 +284,13 @@ def test_aggregation_and_posterior_over_rounds(exp, method_name: str, reset_ever
         replies = [_crafted_reply(method, c, m, theta_g, s) for c, m, s in zip((0, 1, 2), masks, samples)]
         agg = method.aggregate(state, replies, rnd)
         assert agg.num_good == 3 and not agg.dropped
-        alpha, beta, counts = ref_aggregate(alpha, beta, masks, samples, rnd, reset_every, weighted)
+        alpha, beta, counts = ref_aggregate(alpha, beta, masks, samples, rnd, reset_every, weighted, memory)
+        if memory > 0:
+            assert state.alpha is not None and state.counts is None  # the posterior carries over; not a function of counts
         if state.alpha is not None or reset_every != 1:  # with a reset every round the counts may be all it keeps
             np.testing.assert_allclose(state.alpha, alpha, rtol=1e-6, err_msg=f"alpha, round {rnd}")
             np.testing.assert_allclose(state.beta, beta, rtol=1e-6, err_msg=f"beta, round {rnd}")
-        if reset_every == 1 and not weighted:  # theta is a function of the integer counts (counts downlink)
+        if reset_every == 1 and not weighted and memory == 0:  # theta is a function of the integer counts (counts downlink)
             np.testing.assert_array_equal(state.counts, counts)
             assert state.counts_total == 3
         want = ref_posterior(alpha, beta, stat, EPS)

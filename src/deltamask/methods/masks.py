@@ -15,6 +15,7 @@ Round structure for the mask methods (METHOD.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -212,7 +213,7 @@ class MaskMethod(_HeadRounds):
             self.down_codec = get_codec(cfg.downlink_codec, kind="probs")
             if isinstance(self.down_codec, ProbsCountsCodec):
                 self.down_codec = self.counts_codec = type(self.down_codec)(cfg.posterior, cfg.eps)
-                if cfg.reset_every != 1 or cfg.weighted:
+                if cfg.reset_every != 1 or cfg.weighted or cfg.posterior_memory > 0:
                     raise ConfigError(f"downlink_codec={cfg.downlink_codec} needs reset_every=1 and weighted=false "
                                       "(theta must be a function of counts)")
         self.sync = ThetaSync(self)
@@ -220,11 +221,27 @@ class MaskMethod(_HeadRounds):
     def uses_masks(self) -> bool:
         return True
 
+    @property
+    def keeps_posterior(self) -> bool:
+        """Whether alpha/beta carry over to the next round (priors not reset every round, or a memory)."""
+        return self.cfg.reset_every != 1 or self.cfg.posterior_memory > 0
+
+    def round_prior(self, state: ServerState) -> ServerState:
+        """The state the round's posterior starts from: with ``posterior_memory`` m, the earlier evidence
+        decayed towards Beta(1, 1), ``alpha = 1 + m (alpha - 1)`` and the same for beta (float32)."""
+        m = self.cfg.posterior_memory
+        if m <= 0 or state.alpha is None or state.beta is None:
+            return state
+        one, m32 = np.float32(1.0), np.float32(m)
+        alpha = (one + m32 * (state.alpha - one)).astype(np.float32)
+        beta = (one + m32 * (state.beta - one)).astype(np.float32)
+        return dataclasses.replace(state, alpha=alpha, beta=beta)
+
     def init_state(self) -> ServerState:
         w = self.net.head.weight.detach().cpu().numpy()
         b = self.net.head.bias.detach().cpu().numpy()
         # alpha/beta only where a later round reads them: priors not reset every round
-        state = init_state(self.n, self.cfg.theta0, w, b, posterior_params=self.cfg.reset_every != 1)
+        state = init_state(self.n, self.cfg.theta0, w, b, posterior_params=self.keeps_posterior)
         # From the first round on, theta_g is what the clients decode (q8 of theta0 is not theta0).
         state.theta = self._theta_codec(state.counts is not None).reconstruct(state.theta, None, None)
         self.sync.register(state, None, 0)
@@ -361,7 +378,8 @@ class MaskMethod(_HeadRounds):
             decoded.append((r, mask_part, update, stats, head))
         outliers = flip_outliers(flips, self.n, caps, self.cfg.flip_outlier, self.flip_cap_name())
         # pass 2: the accepted replies, in their order, into the posterior
-        agg = MaskAggregator(state, round_, self.cfg.reset_every, self.cfg.weighted, device=self.server_device())
+        reset_every = 0 if self.cfg.posterior_memory > 0 else self.cfg.reset_every
+        agg = MaskAggregator(self.round_prior(state), round_, reset_every, self.cfg.weighted, device=self.server_device())
         per_client: list[dict[str, Any]] = []
         accepted_parts: list[bytes] = []
         heads, head_w, head_ids = [], [], []
@@ -397,7 +415,7 @@ class MaskMethod(_HeadRounds):
         total = agg.total if exact else 0
         codec = self._theta_codec(exact)
         alpha = beta = theta = None
-        if self.cfg.reset_every != 1 or not exact:
+        if self.keeps_posterior or not exact:
             alpha, beta = agg.finish()
         if exact and not isinstance(codec, ProbsCountsCodec):
             theta = theta_from_counts(counts, total, self.cfg.posterior, self.cfg.eps)  # = posterior(1 + c, 1 + K - c)
@@ -405,7 +423,7 @@ class MaskMethod(_HeadRounds):
             theta = posterior(alpha, beta, self.cfg.posterior, self.cfg.eps)
         del agg
         # alpha/beta stay only where the next round continues them (priors not reset every round)
-        keep = self.cfg.reset_every != 1
+        keep = self.keeps_posterior
         state.alpha, state.beta = (alpha, beta) if keep else (None, None)
         state.counts, state.counts_total = counts, total
         state.theta_version += 1
@@ -414,7 +432,7 @@ class MaskMethod(_HeadRounds):
         state.theta = codec.reconstruct(theta, counts, total if exact else None)
         # a client that missed this round can rebuild its result from these payloads while theta is a
         # function of the round's counts alone (priors reset every round, unweighted, a counts codec)
-        replayable = exact and self.cfg.reset_every == 1 and not self.cfg.weighted and isinstance(codec, ProbsCountsCodec)
+        replayable = exact and not self.keeps_posterior and not self.cfg.weighted and isinstance(codec, ProbsCountsCodec)
         self.sync.register(state, accepted_parts if replayable else None, round_)
         if heads:
             for rec in self.combine_heads(state, heads, head_w, head_ids, self.cfg.head_server_lr):

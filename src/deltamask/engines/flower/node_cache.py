@@ -59,7 +59,7 @@ IGNORED_KEYS: frozenset[str] = frozenset(
         "method", "device",
         "rounds", "clients_per_round", "weighted", "min_replies",
         "local_epochs", "batch_size", "lr", "head_lr", "head_epochs",
-        "theta0", "eps", "reset_every", "posterior", "head_warmup_rounds", "train_head", "head_server_lr", "client_loss",
+        "theta0", "eps", "reset_every", "posterior", "posterior_memory", "head_warmup_rounds", "train_head", "head_server_lr", "client_loss",
         "kappa", "kappa_schedule", "kappa_min",
         "codec", "downlink_codec", "head_codec",
         "eval_every", "eval_sampled", "progress",
