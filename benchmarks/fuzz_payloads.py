@@ -37,7 +37,7 @@ import numpy as np
 
 from deltamask.codecs import CodecError, available_codecs, get_codec
 from deltamask.codecs.container import HEADER
-from deltamask.methods.base import split_bundle
+from deltamask.codecs.bundle import split_bundle
 
 #: values a mutated header field takes: around 2^8, 2^16, 2^31, 2^32, MAX_N = 2^36 and 2^64
 EXTREMES = [0, 1, 2, 3, 255, 256, 65535, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, (1 << 32) + 1, 1 << 36, (1 << 36) + 1, (1 << 63), (1 << 64) - 1]

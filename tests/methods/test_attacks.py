@@ -14,7 +14,7 @@ from deltamask.codecs import codec_of, get_codec
 from deltamask.engines.local import run_local
 from deltamask.errors import RunFailed
 from deltamask.testing.faults import Attack
-from deltamask.methods.base import join_bundle, split_bundle
+from deltamask.codecs.bundle import join_bundle, split_bundle
 
 BAD = 1  # the malicious client
 

@@ -30,7 +30,7 @@ from deltamask.fl import seeding
 from deltamask.codecs import codec_of, get_codec
 from deltamask.run.experiment import build_experiment
 from deltamask.methods import ClientContext, Reply, create_method
-from deltamask.methods.base import join_bundle, parts_by_kind
+from deltamask.codecs.bundle import join_bundle, parts_by_kind
 from deltamask.fl.aggregation import posterior
 
 EPS = 0.01

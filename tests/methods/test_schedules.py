@@ -14,7 +14,7 @@ from dmtest import tiny_config
 from deltamask.codecs import codec_of
 from deltamask.engines.local import LocalTransport
 from deltamask.run.experiment import build_experiment
-from deltamask.methods.base import parts_by_kind
+from deltamask.codecs.bundle import parts_by_kind
 from deltamask.run.round import run_rounds
 
 Q8 = 1 / 510 + 1e-6  # theta goes down as 8-bit levels whenever it is not a function of one round's counts

@@ -24,29 +24,11 @@ import numpy as np
 import torch
 
 from ..codecs import codec_of, get_codec
-from ..codecs.container import CodecError, split_containers
+from ..codecs.bundle import join_bundle, parts_by_kind, split_bundle  # noqa: F401 - re-exported: methods frame replies with them
+from ..codecs.container import CodecError
 from ..config import Config
 from ..model.masking import MaskedNetwork
 from ..fl.aggregation import ServerState, init_state
-
-
-def join_bundle(parts: list[bytes]) -> bytes:
-    return b"".join(parts)
-
-
-def split_bundle(data: bytes) -> list[bytes]:
-    """Split back-to-back containers; a truncated or malformed bundle raises CodecError."""
-    return split_containers(data, "bundle")
-
-
-def parts_by_kind(data: bytes) -> dict[str, bytes]:
-    parts: dict[str, bytes] = {}
-    for p in split_bundle(data):
-        kind = codec_of(p).kind
-        if kind in parts:
-            raise CodecError(f"bundle holds two {kind} payloads")
-        parts[kind] = p
-    return parts
 
 
 @dataclass

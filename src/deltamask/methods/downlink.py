@@ -50,7 +50,8 @@ from ..codecs.dense import (
     theta_from_counts,
 )
 from ..fl.aggregation import ServerState
-from .base import ClientFailure, split_bundle
+from ..codecs.bundle import split_bundle
+from .base import ClientFailure
 
 log = logging.getLogger("deltamask")
 

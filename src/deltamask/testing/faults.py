@@ -39,7 +39,7 @@ def forge(kind: str, payload: bytes) -> bytes:
 
     from ..codecs import codec_of, get_codec
     from ..codecs.container import unpack
-    from ..methods.base import join_bundle, split_bundle
+    from ..codecs.bundle import join_bundle, split_bundle
 
     if kind == "truncated":
         return payload[: len(payload) // 2]
@@ -102,7 +102,8 @@ class Attack:
         import numpy as np
 
         from ..codecs import codec_of
-        from ..methods.base import Reply, join_bundle, split_bundle
+        from ..codecs.bundle import join_bundle, split_bundle
+        from ..methods.base import Reply
 
         k = self.kind
         if k == "forged-samples":

@@ -41,7 +41,7 @@ def payload_stype(payload: bytes) -> str:
     """``deltamask/<codec>[+<codec>...]/v1`` from the containers in the bundle (``empty`` when none)."""
     from ...codecs import codec_of  # the codecs import torch: not at module level, which a light ClientApp loads
     from ...codecs.container import CodecError
-    from ...methods.base import split_bundle
+    from ...codecs.bundle import split_bundle
 
     try:
         names = [codec_of(p).name for p in split_bundle(payload)]
