@@ -381,7 +381,8 @@ def run_rounds(
     try:
         transport.start()
         for rnd in range(state.round + 1, cfg.rounds + 1):
-            rec = last = _one_round(exp, transport, state, rnd, out)
+            rec = last = _one_round(exp, transport, state, rnd, out, records)
+            records.append(rec)
             progress.round_done(rec)
             streak = streak + 1 if rec["skipped_update"] else 0
             any_update = any_update or not rec["skipped_update"]
@@ -438,7 +439,10 @@ def _resend_stale(exp: Experiment, transport: Transport, state: ServerState, rnd
     return stale
 
 
-def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: int, out: Path) -> dict[str, Any]:
+def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: int, out: Path,
+               history: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round; ``history``: the run's earlier round records (what ``metrics.jsonl`` holds), for the
+    downhill report."""
     t0 = time.time()
     cfg, method = exp.cfg, exp.method
     selected = select_clients(cfg, rnd, transport.available(rnd))
@@ -470,7 +474,7 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
     rec = round_record(exp, rnd, selected, down_bits, replies, failures, agg, evaluation, time.time() - t0)
     rec.update(ex.fields)
     if evaluation is not None:
-        fall = falling_streak([*read_jsonl(out / "metrics.jsonl"), rec], cfg.downhill_rounds, cfg.downhill_drop)
+        fall = falling_streak([*history, rec], cfg.downhill_rounds, cfg.downhill_drop)
         if fall:
             rec["falling"] = fall
             log.warning("round %d: global accuracy fell %s rounds in a row (%.4f -> %.4f, round %d on)", rnd, fall["rounds"],
