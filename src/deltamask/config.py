@@ -203,6 +203,15 @@ def _validate(cfg: Config) -> None:
     need(cfg.lr > 0 and cfg.head_lr > 0, "lr", "learning rates must be > 0")
     need(1 <= cfg.min_replies <= cfg.clients_per_round, "min_replies", f"must be in 1..clients_per_round={cfg.clients_per_round} (more replies than clients per round can never arrive)")
     need(0.0 < cfg.head_server_lr <= 1.0, "head_server_lr", "must be in (0, 1] (1 = plain FedAvg of the heads)")
+    # the skew options act only where their method computes them: set anywhere else, they are refused, not ignored
+    mask_methods = ("deltamask", "fedpm")
+    need(cfg.head_server_lr == 1.0 or (cfg.train_head and cfg.method in mask_methods), "head_server_lr",
+         "moves the jointly trained head of deltamask / fedpm: set train_head=true with one of them, or leave it at 1")
+    need(cfg.posterior_memory == 0.0 or cfg.method in mask_methods, "posterior_memory",
+         f"is a memory of the mask posterior: only deltamask and fedpm have one (method is {cfg.method!r})")
+    need(cfg.client_loss != "balanced" or cfg.method in (*mask_methods, "linear-probe"), "client_loss",
+         f"balanced applies to deltamask, fedpm and linear-probe; the weight-training baselines ({cfg.method!r}) train "
+         "with plain cross-entropy")
     need(cfg.downhill_rounds >= 0, "downhill_rounds", "must be >= 0 (0 = off)")
     need(0.0 <= cfg.downhill_drop <= 1.0, "downhill_drop", "must be in [0, 1] (a fraction of accuracy)")
     need(cfg.max_skipped_rounds >= 0, "max_skipped_rounds", "must be >= 0 (0 = never fail for skipped rounds)")

@@ -151,3 +151,34 @@ def test_a_joint_head_on_skewed_clients_alternates_less_with_the_balanced_loss(t
     assert _turns(mask_bal) < _turns(mask_ce)
     assert swing(mask_bal) < 0.6 * swing(mask_ce)
     assert sum(bal[-3:]) >= sum(ce[-3:])
+
+
+@pytest.mark.parametrize(
+    "keys,key",
+    [
+        (dict(head_server_lr=0.5), "head_server_lr"),  # the head is frozen: nothing to step
+        (dict(head_server_lr=0.5, train_head=True, method="linear-probe"), "head_server_lr"),
+        (dict(head_server_lr=0.0, train_head=True), "head_server_lr"),
+        (dict(head_server_lr=1.01, train_head=True), "head_server_lr"),
+        (dict(posterior_memory=0.5, method="fedavg"), "posterior_memory"),
+        (dict(posterior_memory=1.0), "posterior_memory"),
+        (dict(posterior_memory=-0.1), "posterior_memory"),
+        (dict(posterior_memory=0.5, reset_every=2), "posterior_memory"),
+        (dict(client_loss="balanced", method="fedavg"), "client_loss"),
+        (dict(client_loss="focal"), "client_loss"),
+    ],
+)
+def test_skew_options_set_where_they_do_nothing_or_out_of_range_are_refused(keys, key) -> None:
+    from deltamask.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        tiny_config(**keys)
+
+
+def test_skew_options_at_their_edges_are_accepted() -> None:
+    tiny_config(head_server_lr=1.0)  # the default, with or without a joint head
+    tiny_config(head_server_lr=1e-6, train_head=True, method="fedpm")
+    tiny_config(posterior_memory=0.999, method="fedpm", reset_every=0)
+    tiny_config(posterior_memory=0.0, method="fedavg")
+    tiny_config(client_loss="balanced", method="linear-probe")
+    tiny_config(client_loss="ce", method="fedavg")
