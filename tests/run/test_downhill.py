@@ -119,3 +119,19 @@ def test_a_run_records_the_fall_in_its_round_records_and_summary(tiny_cfg, tmp_p
     accs = iter([0.50, 0.60, 0.61, 0.62, 0.62])
     summary = run_local(cfg, tmp_path / "steady")
     assert summary["downhill"] is None
+
+
+@pytest.mark.parametrize("keys", [dict(downhill_rounds=-1), dict(downhill_drop=-0.01), dict(downhill_drop=1.01)])
+def test_downhill_keys_out_of_range_are_refused(keys) -> None:
+    from deltamask.config import ConfigError
+    from dmtest import tiny_config
+
+    with pytest.raises(ConfigError, match=next(iter(keys))):
+        tiny_config(**keys)
+
+
+def test_downhill_keys_at_their_edges_are_accepted() -> None:
+    from dmtest import tiny_config
+
+    tiny_config(downhill_rounds=0, downhill_drop=0.0)
+    tiny_config(downhill_rounds=1, downhill_drop=1.0)
