@@ -253,3 +253,25 @@ def test_downlink_history_bounds_what_the_server_keeps(tmp_path) -> None:
     assert any(m == "cond" for (_, k, m) in t.seen if k == 1)
     st = load_file(str(tmp_path / "h1" / "state.safetensors"))
     assert len([k for k in st if k.startswith("extra/dl/levels/")]) <= 2
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_only_a_stale_cache_failure_gets_a_snapshot_not_a_reason_that_reads_like_one(tmp_path, stale) -> None:
+    """The driver acts on the failure's kind, never on its text: a StaleCache is re-sent a snapshot in the
+    same round, while any other client failure whose message merely reads like one (the old marker) is
+    dropped as an error."""
+    from deltamask.methods import ClientFailure
+
+    raised: list[int] = []
+
+    def fault(rnd, cid):  # noqa: ANN001, ANN202
+        if rnd == 2 and not raised:
+            raised.append(cid)
+            raise StaleCache("the cache moved") if stale else ClientFailure("[stale theta cache] the cache moved")
+
+    run_local(tiny_config(rounds=2, num_clients=3, clients_per_round=3), tmp_path, fault=fault)
+    last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    if stale:
+        assert last["stale_resent"] == raised and last["failures"] == [] and last["num_aggregated"] == 3
+    else:
+        assert "stale_resent" not in last and [(f["client"], f["kind"]) for f in last["failures"]] == [(raised[0], "error")]

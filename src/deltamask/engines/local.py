@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..run.experiment import Experiment, build_experiment
-from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply
+from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply, failure_kind
 from ..run.round import Progress, resume_config, run_rounds
 from ..run.transport import Exchange, Transport
 
@@ -67,7 +67,7 @@ class LocalTransport(Transport):
                     reply = Reply(cid, sent, reply.num_samples, reply.metrics)
             except Exception as e:  # noqa: BLE001 - a crashing client must not end the run
                 log.debug("%s", traceback.format_exc())
-                ex.failures[cid] = Failure(cid, f"{type(e).__name__}: {e}", "error")
+                ex.failures[cid] = Failure(cid, f"{type(e).__name__}: {e}", failure_kind(e))
                 continue
             took = time.monotonic() - t0
             if self.round_timeout is not None and took > self.round_timeout:

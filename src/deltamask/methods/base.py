@@ -65,7 +65,13 @@ class Reply:
 
 
 class ClientFailure(RuntimeError):
-    """A client could not produce a valid reply (dropped from the round with this reason)."""
+    """A client could not produce a valid reply (dropped from the round with this reason).
+
+    ``kind`` is the :data:`FAILURE_KINDS` entry the transport records for it; a subclass that the round
+    driver must act on (:class:`~deltamask.methods.downlink.StaleCache`) names its own kind, which crosses
+    every transport beside the message, so the driver never parses a reason string."""
+
+    kind = "error"
 
 
 #: why a client's round failed (``Failure.kind``)
@@ -76,7 +82,16 @@ FAILURE_KINDS = (
     "transport",  # the transport could not deliver or the reply could not be unpacked
     "malformed",  # the reply arrived but its payload does not decode
     "rejected",  # the reply decoded but failed a check against what the server knows (robust.py)
+    "stale-cache",  # the client's cached theta is not what the server coded against: re-sent a snapshot this round
 )
+#: the kinds a client (or a node, over the wire) may name for its own failure; anything else it names is "error"
+CLIENT_FAILURE_KINDS = ("error", "stale-cache")
+
+
+def failure_kind(e: BaseException) -> str:
+    """The failure kind of an exception raised by a client's update."""
+    kind = getattr(e, "kind", "error") if isinstance(e, ClientFailure) else "error"
+    return kind if kind in CLIENT_FAILURE_KINDS else "error"
 
 
 @dataclass(frozen=True)

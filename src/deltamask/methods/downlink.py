@@ -61,17 +61,10 @@ _KIND_OF = {v: k for k, v in LEVEL_KINDS.items()}
 
 class StaleCache(ClientFailure):
     """The client's cached theta is not the version the server coded against (or the rebuilt theta is
-    not the one the server holds). The driver re-sends a snapshot in the same round."""
+    not the one the server holds). Its failure kind, ``stale-cache``, makes the round driver re-send a
+    snapshot in the same round."""
 
-    MARK = "[stale theta cache]"
-
-    def __init__(self, msg: str) -> None:
-        super().__init__(f"{self.MARK} {msg}")
-
-
-def is_stale(reason: str) -> bool:
-    """Whether a failure reason (as it crossed any transport) is a :class:`StaleCache`."""
-    return StaleCache.MARK in reason
+    kind = "stale-cache"
 
 
 def levels_of(codec: Any, theta: np.ndarray, counts: np.ndarray | None, total: int) -> tuple[str, int, np.ndarray] | None:

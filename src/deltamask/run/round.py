@@ -418,13 +418,11 @@ def _resend_stale(exp: Experiment, transport: Transport, state: ServerState, rnd
     """Clients whose cached theta was not the version the server coded against (``StaleCache``: a node
     restarted, a late Flower ClientApp overwrote its state, a damaged cache) get a snapshot in the same
     round: the server forgets what it believed they held and sends again. Both sends are counted."""
-    from ..methods.downlink import is_stale
-
-    stale = sorted(c for c, f in ex.failures.items() if is_stale(f.reason))
+    stale = sorted(c for c, f in ex.failures.items() if f.kind == "stale-cache")
     if not stale:
         return []
     for c in stale:
-        log.warning("round %d: client %d: %s; re-sending it a snapshot", rnd, c, ex.failures[c].reason)
+        log.warning("round %d: client %d holds a stale theta cache (%s); re-sending it a snapshot", rnd, c, ex.failures[c].reason)
         exp.method.delivered(state, c, False)
         transport.forget(c)
         del ex.failures[c]

@@ -230,3 +230,35 @@ def test_a_node_whose_cache_went_stale_gets_a_snapshot_in_the_same_round(tmp_pat
     assert [strip(r) for r in a] == [strip(r) for r in b]
     assert holder.get("done") and any(r.get("stale_resent") for r in a)
     assert "stale theta cache" in caplog.text
+
+
+@pytest.mark.parametrize("claimed,recorded", [("stale-cache", None), ("rejected", "error"), ("made-up", "error"), ("error", "error")])
+def test_a_node_may_name_only_a_client_failure_kind(tmp_path, claimed, recorded) -> None:
+    """A node's error reply names its failure's kind beside the reason; the server takes only the kinds a
+    client can have (``stale-cache`` gets it a snapshot in the same round, which it then answers); any other
+    kind it names, even one the server uses itself, is recorded as a plain ``error``."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from deltamask.engines.flower.records import META_KEY, unpack_meta
+
+    defaults = {**TINY, "rounds": 3, "clients-per-round": 3, "out-dir": str(tmp_path)}
+    app = make_client_app(defaults)
+    forged: list[int] = []
+
+    def hostile(msg, ctx):  # noqa: ANN001, ANN202 - node 0 answers round 3's first message with a forged error
+        reply = app(msg, ctx)
+        meta = unpack_meta(msg.content)
+        if ctx.node_config["partition-id"] == 0 and int(meta.get("round", -1)) == 3 and not forged:
+            forged.append(1)
+            content = RecordDict({META_KEY: ConfigRecord({"round": 3, "client-id": 0, "error": "forged", "error-kind": claimed})})
+            return Message(content, reply_to=msg)
+        return reply
+
+    run_server(LoopbackGrid(hostile, 3), {}, defaults)
+    last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert forged
+    if recorded is None:
+        assert last["stale_resent"] == [0] and last["failures"] == [] and last["num_aggregated"] == 3
+    else:
+        assert last["failures"] == [{"client": 0, "reason": "forged", "kind": recorded, "node": 1000}]
+        assert "stale_resent" not in last

@@ -66,7 +66,7 @@ def _train_in_worker(context: Context, defaults: dict[str, Any] | None, meta_rou
     }
     reply, out = WorkerClient().call(header, blobs)
     if not reply.get("ok"):
-        raise WorkerError(str(reply.get("error")))
+        raise WorkerError(str(reply.get("error")), str(reply.get("kind", "error")))
     new_state = dict(reply["state_scalars"])
     new_state.update(unpack_arrays(reply["state_arrays"], out, "state/"))
     return out["payload"], reply["stype"], int(reply["num_samples"]), dict(reply["metrics"]), new_state
@@ -112,10 +112,14 @@ def make_client_app(defaults: dict[str, Any] | None = None, fault: FaultHook | N
                 payload, stype, n, metrics, new_state = _train_here(context, cfg, pid, rnd, downlink, state)
         except Exception as e:  # noqa: BLE001 - reported to the server, which drops this client
             reason = f"{type(e).__name__}: {e}"
+            from ...methods.base import failure_kind
+            from .worker import WorkerError
+
+            kind = e.kind if isinstance(e, WorkerError) else failure_kind(e)
             log.warning("round %d: client %d failed: %s", rnd, pid, reason)
             log.debug("%s", traceback.format_exc())
             clear_client_state(context.state)
-            content = RecordDict({META_KEY: ConfigRecord({"round": rnd, "client-id": pid, "error": reason})})
+            content = RecordDict({META_KEY: ConfigRecord({"round": rnd, "client-id": pid, "error": reason, "error-kind": kind})})
             return Message(content, reply_to=msg)
         save_client_state(context.state, new_state)
         if action == "malformed":

@@ -52,6 +52,7 @@ from flwr.serverapp import Grid
 from ...config import Config
 from ...errors import RunFailed
 from ...methods import Failure, Reply
+from ...methods.base import CLIENT_FAILURE_KINDS
 from ...run.transport import Exchange, Transport
 from .client_app import METRICS_KEY
 from .records import META_KEY, RecordError, pack_payload, record_bytes, unpack_meta, unpack_payload, wire_bytes
@@ -273,8 +274,9 @@ class FlowerTransport(Transport):
                 up_rec += record_bytes(reply.content)
                 up_wire += wire_bytes(reply)
                 meta = unpack_meta(reply.content)
-                if "error" in meta:
-                    ex.failures[cid] = Failure(cid, str(meta["error"]), "error", nid)
+                if "error" in meta:  # a node names its failure's kind only among the client kinds
+                    kind = str(meta.get("error-kind", "error"))
+                    ex.failures[cid] = Failure(cid, str(meta["error"]), kind if kind in CLIENT_FAILURE_KINDS else "error", nid)
                     continue
                 if int(meta.get("round", -1)) != round_ or int(meta.get("client-id", -1)) != cid:
                     raise RecordError(f"reply is for round {meta.get('round')} client {meta.get('client-id')}")

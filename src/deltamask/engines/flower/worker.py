@@ -55,7 +55,12 @@ log = logging.getLogger("deltamask.worker")
 
 
 class WorkerError(RuntimeError):
-    """The node worker could not be started or died while computing; the message says why."""
+    """The node worker could not be started, died while computing, or its update failed; the message says
+    why, and ``kind`` is the update's failure kind (``stale-cache`` passes through the worker)."""
+
+    def __init__(self, msg: str, kind: str = "error") -> None:
+        super().__init__(msg)
+        self.kind = kind
 
 
 def worker_dir() -> Path:
@@ -246,7 +251,9 @@ def serve(path: Path, anchor: int, idle_timeout: float) -> None:
                 try:
                     reply, out = _handle(header, blobs)
                 except Exception as e:  # noqa: BLE001 - the client fails with this reason; the worker lives on
-                    reply, out = {"ok": False, "error": f"{type(e).__name__}: {e}"}, {}
+                    from ...methods.base import failure_kind
+
+                    reply, out = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": failure_kind(e)}, {}
                 send_frame(conn, reply, out)
                 served += 1
                 log.info("request %d (%s): %s", served, header.get("op"), "ok" if reply.get("ok") else reply.get("error"))
