@@ -138,6 +138,20 @@ class ProbsCodec(Codec):
         Codecs override this with a direct computation; the tests pin it against the round trip."""
         return self.decode(self.encode(theta, counts, total))
 
+    def levels(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> Levels | None:
+        """The integer levels this codec sends for theta, as ``(kind, total, levels)`` (levels in 0..total):
+        what a later version can be coded against (:mod:`deltamask.codecs.delta`). None: the codec sends
+        no levels (float32)."""
+        return None
+
+    def decode_levels(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, Levels | None]:
+        """(theta, its :meth:`levels`) from a payload: theta is exactly :meth:`decode`'s."""
+        return self.decode(data, expect_n=expect_n), None
+
+
+#: (kind, total, levels): the integer levels a probs codec sends (``ProbsCodec.levels``)
+Levels = tuple[str, int, np.ndarray]
+
 
 _REGISTRY: dict[str, type[Codec]] = {}
 _BY_ID: dict[int, type[Codec]] = {}

@@ -24,7 +24,7 @@ import struct
 
 import numpy as np
 
-from .base import ArrayCodec, MaskCodec, ProbsCodec, register
+from .base import ArrayCodec, Levels, MaskCodec, ProbsCodec, register
 from .container import MAX_N, CodecError, check_decode_size, pack, unpack
 
 _STAT_IDS = {"mean": 0, "mode": 1}
@@ -304,6 +304,18 @@ class ProbsCountsCodec(ProbsCodec):
         (hist, words, n), total, stat, eps, prior = self._parse(data, expect_n)
         return ans_decode_symbols(hist, words, n, table=counts_table(total, stat, eps, prior))
 
+    def levels(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> Levels | None:
+        """The keep-counts, in the narrowest unsigned dtype (None without counts)."""
+        if counts is None or total is None:
+            return None
+        c = np.asarray(counts).ravel()
+        return "counts", int(total), c.astype(np.uint8 if total <= 255 else np.uint16, copy=False)
+
+    def decode_levels(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, Levels | None]:
+        counts, total, stat, eps, prior = self.decode_counts(data, expect_n=expect_n)
+        theta = theta_of_levels("counts", total, counts, stat, eps, prior)  # = self.decode(data)
+        return theta, self.levels(theta, counts, total)
+
     def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
         """theta from the counts, with eps and the prior rounded to float32 as the header carries them."""
         if not self.applicable(counts, total):
@@ -332,6 +344,24 @@ class ProbsQ8Codec(ProbsCodec):
 
     def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
         return lookup(_Q8_TABLE, _quantize8(theta))
+
+    def levels(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> Levels | None:
+        """The 8-bit levels ``rint(255 theta)``."""
+        return "q8", 255, _quantize8(theta)
+
+    def decode_levels(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, Levels | None]:
+        theta = self.decode(data, expect_n=expect_n)
+        return theta, self.levels(theta)
+
+
+def theta_of_levels(kind: str, total: int, levels: np.ndarray, stat: str, eps: float, prior: tuple[float, float]) -> np.ndarray:
+    """theta from integer levels of ``kind`` (``counts``: keep-counts of ``total`` masks with the posterior's
+    statistic, eps and prior; ``q8``: 8-bit levels): what the snapshot codec that sent them decodes."""
+    if kind == "counts":
+        return theta_from_counts(levels, total, stat, eps, prior)
+    if kind == "q8":
+        return lookup(_Q8_TABLE, levels)
+    raise CodecError(f"unknown level kind {kind!r}")
 
 
 #: level q in 0..255 decodes to float32(q) / float32(255)

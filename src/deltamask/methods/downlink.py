@@ -29,11 +29,13 @@ a client older than that gets a snapshot.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..codecs import CodecError, codec_of, get_codec
+from ..codecs.base import Levels, ProbsCodec
+from ..codecs.bundle import split_bundle
 from ..codecs.delta import (
     LEVEL_KINDS,
     ThetaDeltaCodec,
@@ -41,16 +43,8 @@ from ..codecs.delta import (
     marginal_entropy_bits,
     theta_digest,
 )
-from ..codecs.dense import (
-    _Q8_TABLE,
-    ProbsCountsCodec,
-    ProbsQ8Codec,
-    _quantize8,
-    lookup,
-    theta_from_counts,
-)
+from ..codecs.dense import ProbsCountsCodec, theta_of_levels
 from ..fl.aggregation import ServerState
-from ..codecs.bundle import split_bundle
 from .base import ClientFailure
 
 log = logging.getLogger("deltamask")
@@ -67,30 +61,30 @@ class StaleCache(ClientFailure):
     kind = "stale-cache"
 
 
-def levels_of(codec: Any, theta: np.ndarray, counts: np.ndarray | None, total: int) -> tuple[str, int, np.ndarray] | None:
-    """(kind, total, levels) that the snapshot codec ``codec`` sends for this theta, or None (float32)."""
-    if isinstance(codec, ProbsCountsCodec) and counts is not None:
-        c = np.asarray(counts).ravel()
-        return "counts", int(total), c.astype(np.uint8 if total <= 255 else np.uint16, copy=False)
-    if isinstance(codec, ProbsQ8Codec):
-        return "q8", 255, _quantize8(theta)
-    return None
-
-
-def theta_from_levels(kind: str, total: int, levels: np.ndarray, stat: str, eps: float, prior: tuple[float, float]) -> np.ndarray:
-    if kind == "counts":
-        return theta_from_counts(levels, total, stat, eps, prior)
-    return lookup(_Q8_TABLE, levels)
+#: the aggregation a replay re-runs: (theta the round started from, the round, its accepted uplink payloads)
+#: -> (keep-counts, how many masks they sum)
+ReplayCounts = Callable[[np.ndarray, int, list[bytes]], tuple[np.ndarray, int]]
 
 
 class ThetaSync:
-    """The server's and the client's side of the theta downlink of one mask method."""
+    """The server's and the client's side of the theta downlink of one mask method.
 
-    def __init__(self, method: Any) -> None:
-        self.m = method
-        self.cfg = method.cfg
-        self.mode = self.cfg.downlink
-        self.history = self.cfg.downlink_history
+    It knows nothing of the method: ``n`` masked weights; ``mode`` and ``history`` (config keys
+    ``downlink``, ``downlink_history``); ``snapshot_codec(exact)``, the probs codec that sends theta on its
+    own (``exact``: the round's keep-counts exist); ``snapshot(state)``, that codec's payload of the
+    state's theta; ``replay_counts``, the aggregation of one round's uplinks, which a replaying client
+    re-runs."""
+
+    def __init__(self, n: int, mode: str, history: int, snapshot_codec: Callable[[bool], ProbsCodec],
+                 snapshot: Callable[[ServerState], bytes], replay_counts: ReplayCounts) -> None:
+        if mode not in DOWNLINK_MODES:
+            raise ValueError(f"unknown downlink mode {mode!r}; valid: {', '.join(DOWNLINK_MODES)}")
+        self.n = n
+        self.mode = mode
+        self.history = history
+        self.snapshot_codec = snapshot_codec
+        self.snapshot = snapshot
+        self.replay_counts = replay_counts
         self.codec: ThetaDeltaCodec = get_codec("theta-delta")  # type: ignore[assignment]
         self._cond_cache: dict[tuple, Any] = {}  # per (held version, new version): cond / replay payloads, entropies
         #: per client, this round's downlink statistics (read by the method's record_fields)
@@ -105,9 +99,9 @@ class ThetaSync:
     def register(self, state: ServerState, replay_parts: list[bytes] | None, round_: int) -> None:
         """Record the version just made (``state.theta_version``): digest, levels, and how to replay it."""
         v = state.theta_version
-        codec = self.m._theta_codec(state.counts is not None)
+        codec = self.snapshot_codec(state.counts is not None)
         state.extra[self._key("digest", v)] = np.frombuffer(theta_digest(state.theta), dtype=np.uint8).copy()
-        lv = levels_of(codec, state.theta, state.counts, state.counts_total)
+        lv = codec.levels(state.theta, state.counts, state.counts_total)
         if lv is not None:
             kind, total, levels = lv
             state.extra[self._key("levels", v)] = np.ascontiguousarray(levels)
@@ -149,11 +143,11 @@ class ThetaSync:
         self.ensure_current(state)
         t = state.theta_version
         v = state.client_theta_version.get(client_id)
-        snap = self.m.theta_payload(state)
+        snap = self.snapshot(state)
         target = self.digest(state, t)
         st: dict[str, Any] = {"snapshot_bits": 8 * len(snap)}
         if v == t:
-            part, mode = self.codec.encode_same(self.m.n, target), "same"
+            part, mode = self.codec.encode_same(self.n, target), "same"
             st["snapshot_bits"] = 0  # the old downlink sent nothing to a current client
             st["cond_entropy_bits"] = 0.0
         else:
@@ -180,7 +174,7 @@ class ThetaSync:
         state.client_theta_version[client_id] = t
         return part
 
-    def _levels(self, state: ServerState, v: int) -> tuple[str, int, np.ndarray] | None:
+    def _levels(self, state: ServerState, v: int) -> Levels | None:
         lv, meta = state.extra.get(self._key("levels", v)), state.extra.get(self._key("meta", v))
         if lv is None or meta is None:
             return None
@@ -193,7 +187,7 @@ class ThetaSync:
         old, new, base = self._levels(state, v), self._levels(state, t), self.digest(state, v)
         out = None
         if old is not None and new is not None and base is not None and old[0] == new[0]:
-            c = self.m._theta_codec(True)  # counts: the header carries stat, eps (float32) and prior, as a snapshot's does
+            c = self.snapshot_codec(True)  # counts: the header carries stat, eps (float32) and prior, as a snapshot's does
             stat, eps, prior = (c.stat, c.eps, c.prior) if isinstance(c, ProbsCountsCodec) else ("mode", 0.0, (1.0, 1.0))
             try:
                 out = self.codec.encode_cond(new[2], old[2], new[0], new[1], old[1], stat, eps, prior, base, target)
@@ -223,7 +217,7 @@ class ThetaSync:
             if len(parts) != int(meta[1]):
                 return None
             rounds.append((int(meta[0]), parts))
-        return self.codec.encode_replay(self.m.n, rounds, base, target)
+        return self.codec.encode_replay(self.n, rounds, base, target)
 
     def _entropy(self, state: ServerState, v: int | None, t: int) -> float | None:
         """Empirical entropy (bits) of the new levels given what the client held (marginal if nothing);
@@ -247,21 +241,13 @@ class ThetaSync:
         """Bring the client's cached theta to the version ``part`` describes; True when it changed.
         Raises :class:`StaleCache` when the cache is not what the server coded against."""
         codec = codec_of(part)
-        if codec.kind == "probs":
-            lv = None
-            if isinstance(codec, ProbsCountsCodec):
-                counts, total, stat, eps, prior = codec.decode_counts(part, expect_n=self.m.n)
-                theta = theta_from_levels("counts", total, counts, stat, eps, prior)  # = codec.decode(part)
-                lv = levels_of(codec, theta, counts, total)
-            else:
-                theta = codec.decode(part, expect_n=self.m.n)
-                if isinstance(codec, ProbsQ8Codec):
-                    lv = levels_of(codec, theta, None, 255)
-            if theta.shape != (self.m.n,):
-                raise ClientFailure(f"theta payload has {theta.shape[0]} entries, this model masks {self.m.n}")
+        if isinstance(codec, ProbsCodec):
+            theta, lv = codec.decode_levels(part, expect_n=self.n)
+            if theta.shape != (self.n,):
+                raise ClientFailure(f"theta payload has {theta.shape[0]} entries, this model masks {self.n}")
             self._store(cache, theta, lv, theta_digest(theta))
             return True
-        msg = self.codec.decode(part, expect_n=self.m.n)
+        msg = self.codec.decode(part, expect_n=self.n)
         held = cache.get("theta")
         if held is None:
             raise StaleCache("the server sent theta against a cached version, and this client holds none")
@@ -279,7 +265,7 @@ class ThetaSync:
                 new = self.codec.cond_levels(msg, levels, int(total))
             except CodecError as e:
                 raise StaleCache(str(e)) from None
-            theta = theta_from_levels(msg.kind, msg.total_t, new, msg.stat, msg.eps, msg.prior)
+            theta = theta_of_levels(msg.kind, msg.total_t, new, msg.stat, msg.eps, msg.prior)
             lv = (msg.kind, msg.total_t, new)
         else:
             theta, lv = self._rebuild(held, msg.rounds)
@@ -289,28 +275,20 @@ class ThetaSync:
         self._store(cache, theta, lv, got)
         return True
 
-    def _rebuild(self, theta: np.ndarray, rounds: list[tuple[int, list[bytes]]]) -> tuple[np.ndarray, tuple[str, int, np.ndarray]]:
+    def _rebuild(self, theta: np.ndarray, rounds: list[tuple[int, list[bytes]]]) -> tuple[np.ndarray, Levels]:
         """Re-run the server's aggregation of the replayed rounds from ``theta`` (priors reset each round)."""
-        from ..fl.aggregation import MaskAggregator
-
-        lv: tuple[str, int, np.ndarray] | None = None
+        lv: Levels | None = None
         for rnd, parts in rounds:
-            tmp = ServerState(round=rnd - 1, theta=theta, alpha=None, beta=None, head_weight=np.zeros((1, 1), np.float32),
-                              head_bias=np.zeros(1, np.float32))
-            agg = MaskAggregator(tmp, rnd, 1, False, device=self.m.server_device())
-            for p in parts:
-                (kind, data), _ = self.m.decode_update(p, theta)
-                {"flips": agg.add_flips, "flip_mask": agg.add_flip_mask}.get(kind, agg.add)(data, 1.0)
-            counts, total = agg.counts(), agg.total
-            codec = self.m._theta_codec(True)
+            counts, total = self.replay_counts(theta, rnd, parts)
+            codec = self.snapshot_codec(True)
             theta = codec.reconstruct(None, counts, total)
-            lv = levels_of(codec, theta, counts, total)
+            lv = codec.levels(theta, counts, total)
         if lv is None:
             raise StaleCache("a replay must hold at least one round of counts")
         return theta, lv
 
     @staticmethod
-    def _store(cache: dict[str, Any], theta: np.ndarray, lv: tuple[str, int, np.ndarray] | None, digest: bytes) -> None:
+    def _store(cache: dict[str, Any], theta: np.ndarray, lv: Levels | None, digest: bytes) -> None:
         cache["theta"] = theta
         cache["theta_digest"] = digest.hex()
         if lv is None:

@@ -216,7 +216,7 @@ class MaskMethod(_HeadRounds):
                 if cfg.reset_every != 1 or cfg.weighted or cfg.posterior_memory > 0:
                     raise ConfigError(f"downlink_codec={cfg.downlink_codec} needs reset_every=1 and weighted=false "
                                       "(theta must be a function of counts)")
-        self.sync = ThetaSync(self)
+        self.sync = ThetaSync(self.n, cfg.downlink, cfg.downlink_history, self._theta_codec, self.theta_payload, self._replay_counts)
 
     def uses_masks(self) -> bool:
         return True
@@ -272,6 +272,17 @@ class MaskMethod(_HeadRounds):
         if self.down_codec is not None:
             return self.down_codec  # type: ignore[return-value]
         return self.counts_codec if exact else get_codec("probs-q8", kind="probs")  # type: ignore[return-value]
+
+    def _replay_counts(self, theta: np.ndarray, round_: int, parts: list[bytes]) -> tuple[np.ndarray, int]:
+        """The keep-counts of one round's accepted uplinks, decoded against the theta it started from
+        (what a client replaying missed rounds re-runs; priors reset every round, unweighted)."""
+        tmp = ServerState(round=round_ - 1, theta=theta, alpha=None, beta=None, head_weight=np.zeros((1, 1), np.float32),
+                          head_bias=np.zeros(1, np.float32))
+        agg = MaskAggregator(tmp, round_, 1, False, device=self.server_device())
+        for p in parts:
+            (kind, data), _ = self.decode_update(p, theta)
+            {"flips": agg.add_flips, "flip_mask": agg.add_flip_mask}.get(kind, agg.add)(data, 1.0)
+        return agg.counts(), agg.total
 
     def _encode_theta(self, state: ServerState) -> bytes:
         codec = self._theta_codec(state.counts is not None)
