@@ -37,9 +37,9 @@ class Watch(LocalTransport):
         self.seen: list[tuple[int, int, str]] = []  # (round, staleness, mode)
         self.held: list[int | None] = []  # the version each of those clients held
         self.expected: dict[int, np.ndarray] = {}
-        real = exp.method.downlink
+        real = exp.method.send
 
-        def downlink(state, cid, rnd):
+        def send(state, cid, rnd):
             held = state.client_theta_version.get(cid)
             out = real(state, cid, rnd)
             st = exp.method.sync.stats[cid]
@@ -48,7 +48,7 @@ class Watch(LocalTransport):
             self.expected[cid] = state.theta.copy()
             return out
 
-        exp.method.downlink = downlink
+        exp.method.send = send
 
     def exchange(self, round_, downlinks):
         ex = super().exchange(round_, downlinks)
@@ -275,3 +275,57 @@ def test_only_a_stale_cache_failure_gets_a_snapshot_not_a_reason_that_reads_like
         assert last["stale_resent"] == raised and last["failures"] == [] and last["num_aggregated"] == 3
     else:
         assert "stale_resent" not in last and [(f["client"], f["kind"]) for f in last["failures"]] == [(raised[0], "error")]
+
+
+def test_the_downlink_history_is_typed_state_saved_under_the_state_files_names(tmp_path) -> None:
+    """The server's theta history lives in ``state.theta_versions`` (ThetaVersion entries, no string keys in
+    ``state.extra``) and is written under the state file's ``extra/dl/<what>/<version>`` names, so files
+    written before it was typed resume, and it reads back to the same entries."""
+    from safetensors.numpy import load_file
+
+    from deltamask.fl.aggregation import ThetaVersion, theta_versions_from_arrays, theta_versions_to_arrays
+    from deltamask.run.state import load_state
+
+    run_local(tiny_config(rounds=4, num_clients=4, clients_per_round=2, downlink="auto"), tmp_path)
+    state, _, _, _ = load_state(tmp_path)
+    assert state.theta_versions and all(isinstance(tv, ThetaVersion) for tv in state.theta_versions.values())
+    assert not [k for k in state.extra if k.startswith("dl/")]
+    cur = state.theta_versions[state.theta_version]
+    assert cur.digest == theta_digest(state.theta) and cur.levels is not None and cur.levels[0] == "counts"
+    assert any(tv.replay is not None for tv in state.theta_versions.values())
+    on_disk = {k[6:]: v for k, v in load_file(str(tmp_path / "state.safetensors")).items() if k.startswith("extra/dl/")}
+    assert on_disk and set(on_disk) == set(theta_versions_to_arrays(state.theta_versions))
+    back, rest = theta_versions_from_arrays(on_disk)
+    assert not rest and theta_versions_to_arrays(back).keys() == on_disk.keys()
+    for k, v in theta_versions_to_arrays(back).items():
+        np.testing.assert_array_equal(v, on_disk[k], err_msg=k)
+
+
+@pytest.mark.parametrize("method", ["deltamask", "fedpm", "linear-probe", "fedavg"])
+def test_send_changes_no_server_state_and_returns_what_the_client_then_holds(tmp_path, method) -> None:
+    """``Method.send`` is pure: the server state (what each client holds, the theta history) is the same after
+    it, and the versions it returns are what the round driver records; ``downlink`` (send + record) gives
+    the same bytes. Checked after a few rounds, for a current, a stale and a new client."""
+    import copy
+
+    from deltamask.methods.base import record_sent
+    from deltamask.run.state import load_state
+
+    cfg = tiny_config(method=method, rounds=4, num_clients=4, clients_per_round=2, head_warmup_rounds=1)
+    run_local(cfg, tmp_path)
+    state, _, _, _ = load_state(tmp_path)
+    exp = build_experiment(cfg)
+    m = exp.method
+    for cid in (0, 1, 2, 3, 99):
+        before = copy.deepcopy(state)
+        sent = m.send(state, cid, 5)
+        assert state.client_theta_version == before.client_theta_version
+        assert state.client_head_version == before.client_head_version
+        assert state.theta_versions.keys() == before.theta_versions.keys()
+        assert sent.head_version == state.head_version
+        assert sent.theta_version == (None if method == "linear-probe" else state.theta_version)
+        again = copy.deepcopy(state)
+        assert m.downlink(again, cid, 5) == sent.payload
+        record_sent(state, cid, sent)
+        assert state.client_theta_version == again.client_theta_version
+        assert state.client_head_version == again.client_head_version

@@ -32,10 +32,80 @@ from typing import Any
 
 import numpy as np
 
+from ..codecs.base import Levels
+from ..codecs.delta import LEVEL_KINDS
+
 #: Elements per block of the chunked O(N) passes: a few MB of temporaries instead of O(N) ones.
 CHUNK = 1 << 20
 #: float32 holds every integer up to 2^24 exactly; unweighted sums stay below this bound.
 F32_EXACT_INT = 1 << 24
+
+
+@dataclass
+class ThetaVersion:
+    """What the server keeps of one broadcast theta version (:mod:`deltamask.methods.downlink`): while some
+    client may hold it, its digest and the integer levels its snapshot codec sent (to code a later version
+    against); while a client behind it may replay through it, the round that made it and that round's
+    accepted uplink payloads (concatenated bundle parts, ``replay_parts`` of them)."""
+
+    digest: bytes | None = None
+    levels: Levels | None = None
+    replay_round: int | None = None
+    replay: bytes | None = None
+    replay_parts: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.digest is None and self.levels is None and self.replay is None
+
+
+#: persisted names of a ThetaVersion's arrays: ``extra/dl/<what>/<version>`` (the layout of state files
+#: written before the history was typed, so that they resume and new ones read the same)
+_DL = "dl/"
+
+
+def theta_versions_to_arrays(versions: dict[int, ThetaVersion]) -> dict[str, np.ndarray]:
+    """The history as named arrays (keys relative to ``extra/``) for the state file."""
+    out: dict[str, np.ndarray] = {}
+    for v, tv in sorted(versions.items()):
+        if tv.digest is not None:
+            out[f"{_DL}digest/{v}"] = np.frombuffer(tv.digest, dtype=np.uint8).copy()
+        if tv.levels is not None:
+            kind, total, levels = tv.levels
+            out[f"{_DL}levels/{v}"] = np.ascontiguousarray(levels)
+            out[f"{_DL}meta/{v}"] = np.array([LEVEL_KINDS[kind], total], dtype=np.int64)
+        if tv.replay is not None:
+            out[f"{_DL}replay/{v}"] = np.frombuffer(tv.replay, dtype=np.uint8).copy()
+            out[f"{_DL}replay_meta/{v}"] = np.array([tv.replay_round, tv.replay_parts], dtype=np.int64)
+    return out
+
+
+def theta_versions_from_arrays(arrays: dict[str, np.ndarray]) -> tuple[dict[int, ThetaVersion], dict[str, np.ndarray]]:
+    """(the history, the arrays that are not part of it) from a state file's ``extra/`` arrays; a level
+    array without its kind, or a replay without its round, is dropped (that version is then sent a
+    snapshot)."""
+    kind_of = {i: k for k, i in LEVEL_KINDS.items()}
+    rest: dict[str, np.ndarray] = {}
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for key, arr in arrays.items():
+        bits = key.split("/")
+        if len(bits) == 3 and bits[0] == _DL[:-1] and bits[2].lstrip("-").isdigit():
+            parts.setdefault(int(bits[2]), {})[bits[1]] = arr
+        else:
+            rest[key] = arr
+    versions: dict[int, ThetaVersion] = {}
+    for v, p in parts.items():
+        tv = ThetaVersion()
+        if "digest" in p:
+            tv.digest = bytes(np.asarray(p["digest"], dtype=np.uint8))
+        if "levels" in p and "meta" in p and int(p["meta"][0]) in kind_of:
+            tv.levels = (kind_of[int(p["meta"][0])], int(p["meta"][1]), p["levels"])
+        if "replay" in p and "replay_meta" in p:
+            tv.replay = bytes(np.asarray(p["replay"], dtype=np.uint8))
+            tv.replay_round, tv.replay_parts = int(p["replay_meta"][0]), int(p["replay_meta"][1])
+        if not tv.empty:
+            versions[v] = tv
+    return versions, rest
 
 
 @dataclass
@@ -61,6 +131,8 @@ class ServerState:
     counts_total: int = 0
     #: method-specific arrays (baselines' server-side buffers)
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the theta downlink's history: per version some client may hold or replay through (methods/downlink.py)
+    theta_versions: dict[int, ThetaVersion] = field(default_factory=dict)
     #: client id -> the identity bound to it for the whole run (Transport.identities; Flower nodes)
     identities: dict[int, str] = field(default_factory=dict)
 

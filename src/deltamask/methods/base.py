@@ -114,6 +114,24 @@ class Failure:
         return out
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One client's downlink, and what the server believes the client holds once it decodes it: the theta
+    (or weight-update) version and the head version (None: the message does not change it)."""
+
+    payload: bytes
+    theta_version: int | None = None
+    head_version: int | None = None
+
+
+def record_sent(state: ServerState, client_id: int, sent: Sent) -> None:
+    """Record in the server state the versions a client holds after ``sent`` reached it."""
+    if sent.theta_version is not None:
+        state.client_theta_version[client_id] = sent.theta_version
+    if sent.head_version is not None:
+        state.client_head_version[client_id] = sent.head_version
+
+
 @dataclass
 class Aggregation:
     """What :meth:`Method.aggregate` did with one round's replies."""
@@ -148,8 +166,16 @@ class Method(ABC):
         return init_state(self.n, self.cfg.theta0, w, b, posterior_params=False)  # weight methods never read alpha/beta
 
     @abstractmethod
+    def send(self, state: ServerState, client_id: int, round_: int) -> Sent:
+        """The bytes the server sends to ``client_id`` at the start of round ``round_``, and the versions the
+        client holds once it decodes them. Changes no server state: the round driver records the versions
+        (:func:`record_sent`) and forgets them again when the client fails (:meth:`delivered`)."""
+
     def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
-        """The bytes the server sends to ``client_id`` at the start of round ``round_``."""
+        """:meth:`send`, recording what the client then holds: for callers that drive a method by hand."""
+        sent = self.send(state, client_id, round_)
+        record_sent(state, client_id, sent)
+        return sent.payload
 
     @abstractmethod
     def client_update(self, downlink: bytes, data: ClientData, ctx: ClientContext) -> Reply:
@@ -202,10 +228,9 @@ class Method(ABC):
         return arr[:, :-1].copy(), arr[:, -1].copy()
 
     def head_downlink_part(self, state: ServerState, client_id: int) -> list[bytes]:
-        """The head, if this client's cached copy is stale."""
+        """The head, if this client's cached copy is stale (after it the client holds ``state.head_version``)."""
         if state.client_head_version.get(client_id, -1) == state.head_version:
             return []
-        state.client_head_version[client_id] = state.head_version
         return [self.encode_head(state.head_weight, state.head_bias)]
 
     def client_head(self, parts: dict[str, bytes], ctx: ClientContext) -> tuple[np.ndarray, np.ndarray]:

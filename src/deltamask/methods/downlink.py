@@ -20,16 +20,18 @@ with by their digests (BLAKE2b-128 of theta's float32 bytes); the client checks 
 round. So a cache that went stale behind the server's back (a node restarted, a late Flower ClientApp
 overwrote newer state) is caught instead of silently training from the wrong theta.
 
-The server keeps, in ``state.extra`` (persisted with the run state, so resume continues exactly), per
-version some client holds: its levels, their kind and total, and its digest; per version produced by a
-replayable round: that round's accepted uplink payloads. At most ``downlink_history`` versions are kept;
+The server keeps, in ``state.theta_versions`` (typed :class:`~deltamask.fl.aggregation.ThetaVersion`
+entries, persisted with the run state, so resume continues exactly), per version some client holds: its
+levels, their kind and total, and its digest; per version produced by a replayable round: that round's
+accepted uplink payloads. At most ``downlink_history`` versions are kept;
 a client older than that gets a snapshot.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -37,20 +39,18 @@ from ..codecs import CodecError, codec_of, get_codec
 from ..codecs.base import Levels, ProbsCodec
 from ..codecs.bundle import split_bundle
 from ..codecs.delta import (
-    LEVEL_KINDS,
     ThetaDeltaCodec,
     conditional_entropy_bits,
     marginal_entropy_bits,
     theta_digest,
 )
 from ..codecs.dense import ProbsCountsCodec, theta_of_levels
-from ..fl.aggregation import ServerState
+from ..fl.aggregation import ServerState, ThetaVersion
 from .base import ClientFailure
 
 log = logging.getLogger("deltamask")
 
 DOWNLINK_MODES = ("auto", "snapshot", "cond", "replay")
-_KIND_OF = {v: k for k, v in LEVEL_KINDS.items()}
 
 
 class StaleCache(ClientFailure):
@@ -91,49 +91,44 @@ class ThetaSync:
         self.stats: dict[int, dict[str, Any]] = {}
         self._stats_round = -1
 
-    # --- server: versions ------------------------------------------------------------------------
-    @staticmethod
-    def _key(what: str, v: int) -> str:
-        return f"dl/{what}/{v}"
-
+    # --- server: versions (``state.theta_versions``) -----------------------------------------------------
     def register(self, state: ServerState, replay_parts: list[bytes] | None, round_: int) -> None:
         """Record the version just made (``state.theta_version``): digest, levels, and how to replay it."""
         v = state.theta_version
         codec = self.snapshot_codec(state.counts is not None)
-        state.extra[self._key("digest", v)] = np.frombuffer(theta_digest(state.theta), dtype=np.uint8).copy()
+        tv = state.theta_versions.setdefault(v, ThetaVersion())
+        tv.digest = theta_digest(state.theta)
         lv = codec.levels(state.theta, state.counts, state.counts_total)
         if lv is not None:
-            kind, total, levels = lv
-            state.extra[self._key("levels", v)] = np.ascontiguousarray(levels)
-            state.extra[self._key("meta", v)] = np.array([LEVEL_KINDS[kind], total], dtype=np.int64)
+            tv.levels = (lv[0], lv[1], np.ascontiguousarray(lv[2]))
         if replay_parts is not None:
-            state.extra[self._key("replay", v)] = np.frombuffer(b"".join(replay_parts), dtype=np.uint8).copy()
-            state.extra[self._key("replay_meta", v)] = np.array([round_, len(replay_parts)], dtype=np.int64)
+            tv.replay, tv.replay_round, tv.replay_parts = b"".join(replay_parts), round_, len(replay_parts)
         self._cond_cache.clear()
         self.prune(state)
 
     def prune(self, state: ServerState) -> None:
-        """Keep what a client may still be sent: versions some client holds, within the last ``downlink_history``."""
+        """Keep what a client may still be sent: versions some client holds, within the last ``downlink_history``
+        (their digest and levels), and the replays of the rounds after the oldest of them."""
         t = state.theta_version
         oldest = t - self.history
         held = {v for v in state.client_theta_version.values() if v >= oldest} | {t}
         floor = min(held)
-        for key in [k for k in state.extra if k.startswith("dl/")]:
-            _, what, v = key.split("/")
-            v = int(v)
-            if what in ("replay", "replay_meta"):
-                if v <= floor:
-                    del state.extra[key]
-            elif v not in held:
-                del state.extra[key]
+        for v in list(state.theta_versions):
+            tv = state.theta_versions[v]
+            if v <= floor:
+                tv.replay, tv.replay_round, tv.replay_parts = None, None, 0
+            if v not in held:
+                tv.digest, tv.levels = None, None
+            if tv.empty:
+                del state.theta_versions[v]
 
     def digest(self, state: ServerState, v: int) -> bytes | None:
-        d = state.extra.get(self._key("digest", v))
-        return None if d is None else bytes(d)
+        tv = state.theta_versions.get(v)
+        return None if tv is None else tv.digest
 
     def ensure_current(self, state: ServerState) -> None:
         """Version 0 (and a state written before this module existed) gets registered on first use."""
-        if self._key("digest", state.theta_version) not in state.extra:
+        if self.digest(state, state.theta_version) is None:
             self.register(state, None, state.round)
 
     # --- server: one client's theta part -----------------------------------------------------------
@@ -171,14 +166,11 @@ class ThetaSync:
             st["cond_entropy_bits"] = self._entropy(state, v, t)
         st.update(mode=mode, bits=8 * len(part), base=v)
         self.stats[client_id] = st
-        state.client_theta_version[client_id] = t
         return part
 
     def _levels(self, state: ServerState, v: int) -> Levels | None:
-        lv, meta = state.extra.get(self._key("levels", v)), state.extra.get(self._key("meta", v))
-        if lv is None or meta is None:
-            return None
-        return _KIND_OF[int(meta[0])], int(meta[1]), lv
+        tv = state.theta_versions.get(v)
+        return None if tv is None else tv.levels
 
     def _cond(self, state: ServerState, v: int, t: int, target: bytes) -> bytes | None:
         key = (v, t)
@@ -210,13 +202,13 @@ class ThetaSync:
             return None
         rounds = []
         for u in range(v + 1, t + 1):
-            raw, meta = state.extra.get(self._key("replay", u)), state.extra.get(self._key("replay_meta", u))
-            if raw is None or meta is None:
+            tv = state.theta_versions.get(u)
+            if tv is None or tv.replay is None or tv.replay_round is None:
                 return None
-            parts = split_bundle(bytes(raw))
-            if len(parts) != int(meta[1]):
+            parts = split_bundle(tv.replay)
+            if len(parts) != tv.replay_parts:
                 return None
-            rounds.append((int(meta[0]), parts))
+            rounds.append((tv.replay_round, parts))
         return self.codec.encode_replay(self.n, rounds, base, target)
 
     def _entropy(self, state: ServerState, v: int | None, t: int) -> float | None:

@@ -49,6 +49,7 @@ from .base import (
     Failure,
     Method,
     Reply,
+    Sent,
     join_bundle,
     kappa_at,
     parts_by_kind,
@@ -186,8 +187,8 @@ class LinearProbe(_HeadRounds):
     name = "linear-probe"
     description = "FedAvg of a linear head on the frozen backbone (dense fp32 head both ways)"
 
-    def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
-        return join_bundle(self.head_round_downlink(state, client_id))
+    def send(self, state: ServerState, client_id: int, round_: int) -> Sent:
+        return Sent(join_bundle(self.head_round_downlink(state, client_id)), head_version=state.head_version)
 
     def client_update(self, downlink: bytes, data: ClientData, ctx: ClientContext) -> Reply:
         return self.head_round_client(parts_by_kind(downlink), data, ctx, None, None)
@@ -288,12 +289,12 @@ class MaskMethod(_HeadRounds):
         codec = self._theta_codec(state.counts is not None)
         return codec.encode(state.theta, state.counts, state.counts_total if state.counts is not None else None)
 
-    def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
-        """theta as the smallest admissible message against the client's cached version (``theta_sync``:
+    def send(self, state: ServerState, client_id: int, round_: int) -> Sent:
+        """theta as the smallest admissible message against the client's cached version (``downlink``:
         snapshot, cond, replay, or only the digest when it is current), then the head if stale."""
         parts = [self.sync.theta_part(state, client_id, round_)]
         parts += self.head_downlink_part(state, client_id)
-        return join_bundle(parts)
+        return Sent(join_bundle(parts), theta_version=state.theta_version, head_version=state.head_version)
 
     def _client_theta(self, parts: dict[str, bytes], ctx: ClientContext) -> np.ndarray:
         part = parts.get("probs") or parts.get("delta")

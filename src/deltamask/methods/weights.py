@@ -43,7 +43,7 @@ from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
 from ..fl.robust import check_values, clip_fields, clip_to_median, combine
 from ..fl.aggregation import ServerState, fedavg
-from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, join_bundle, split_bundle
+from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, Sent, join_bundle, split_bundle
 from .masks import _HeadRounds, reply_failure
 
 MODE_NONE, MODE_UPDATES, MODE_DENSE = 0, 1, 2
@@ -163,16 +163,15 @@ class WeightMethod(_HeadRounds):
             return MODE_NONE, have, cur, []
         dense_bytes = self.dense_bytes()
         hist = [state.extra.get(f"{HIST_PREFIX}{v}") for v in range(have + 1, cur + 1)]
-        state.client_theta_version[client_id] = cur
         if 0 <= have < cur and all(h is not None for h in hist) and sum(h.size for h in hist) < dense_bytes:  # type: ignore[union-attr]
             return MODE_UPDATES, have, cur, [h.tobytes() for h in hist]  # type: ignore[union-attr]
         return MODE_DENSE, have, cur, [self.f32.encode(state.extra[V_KEY])]
 
-    def downlink(self, state: ServerState, client_id: int, round_: int) -> bytes:
+    def send(self, state: ServerState, client_id: int, round_: int) -> Sent:
         head = self.head_downlink_part(state, client_id)
         mode, a, b, sync = self._sync_parts(state, client_id)
         man = self.manifest.encode(np.array([len(head), mode, a, b, len(sync)], np.int64))
-        return join_bundle([man] + head + sync)
+        return Sent(join_bundle([man] + head + sync), theta_version=b, head_version=state.head_version)
 
     def _prune_history(self, state: ServerState) -> None:
         """Keep the newest global updates while together they are smaller than the dense v_g."""

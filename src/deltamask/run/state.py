@@ -17,7 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..fl.aggregation import ServerState
+from ..fl.aggregation import (
+    ServerState,
+    theta_versions_from_arrays,
+    theta_versions_to_arrays,
+)
 
 STATE_FILE = "state.safetensors"
 #: 2: alpha/beta are optional (absent when the priors reset every round) and counts use the narrowest
@@ -69,7 +73,7 @@ def save_state(
         tensors["server/beta"] = state.beta
     if state.counts is not None:
         tensors["server/counts"] = state.counts
-    for k, v in state.extra.items():
+    for k, v in {**state.extra, **theta_versions_to_arrays(state.theta_versions)}.items():
         tensors[f"extra/{k}"] = v
     client_scalars: dict[str, dict[str, Any]] = {}
     for cid, cst in client_states.items():
@@ -118,7 +122,7 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta_raw = (f.metadata() or {}).get("deltamask")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         if meta_raw is None:
             raise ValueError("no deltamask metadata")
         meta = json.loads(meta_raw)
@@ -133,6 +137,7 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
         raise StateError(f"run state {str(path)!r} has version {meta.get('state_version')}, this build reads "
                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     try:
+        versions, extra = theta_versions_from_arrays({k[6:]: v for k, v in tensors.items() if k.startswith("extra/")})
         state = ServerState(
             round=int(meta["round"]),
             theta=tensors["server/theta"],
@@ -146,7 +151,8 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
             client_theta_version={int(k): int(v) for k, v in meta["client_theta_version"].items()},
             counts=tensors.get("server/counts"),
             counts_total=int(meta["counts_total"]),
-            extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra/")},
+            extra=extra,
+            theta_versions=versions,
             identities={int(k): str(v) for k, v in meta.get("identities", {}).items()},
         )
         clients: dict[int, dict[str, Any]] = {int(c): dict(sc) for c, sc in meta["client_scalars"].items()}
