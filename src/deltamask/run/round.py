@@ -30,10 +30,11 @@ import torch
 
 from ..fl import seeding
 from ..fl.training import evaluate
-from ..config import Config, ConfigError, build_config, from_sources, parse_sets, stability_warnings
+from ..config import Config, ConfigError, build_config, client_loss_of, from_sources, parse_sets, stability_warnings
 from ..errors import RunFailed
 from .experiment import Experiment
 from ..methods import Aggregation, Failure, Reply
+from ..methods.base import record_sent
 from ..fl.robust import Rejected, nonfinite_fields, screen_reply
 from .metrics import append_jsonl, downhill_report, falling_streak, read_jsonl, summarize, truncate_metrics, write_json
 from ..fl.aggregation import ServerState
@@ -244,6 +245,7 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     summary = summarize(records, meta)
     summary["engine"] = engine
     summary["status"] = "failed" if failure else "completed"
+    summary["client_loss"] = client_loss_of(exp.cfg)  # what client_loss=auto resolved to in this build
     summary["downhill"] = downhill = downhill_report(records, exp.cfg.downhill_rounds, exp.cfg.downhill_drop)
     if downhill:
         log.warning("the run walked downhill: %s", describe_downhill(downhill))
@@ -414,6 +416,14 @@ def _failure_summary(rec: dict[str, Any] | None) -> str:
     return f"round {rec['round']}: {len(fails)} failed, e.g. {shown}"
 
 
+def _send(method: Any, state: ServerState, client_id: int, rnd: int) -> bytes:
+    """A client's downlink; the driver records what the client holds once it decodes it (the method's
+    :meth:`~deltamask.methods.Method.send` changes no state)."""
+    sent = method.send(state, client_id, rnd)
+    record_sent(state, client_id, sent)
+    return sent.payload
+
+
 def _resend_stale(exp: Experiment, transport: Transport, state: ServerState, rnd: int, ex: Exchange, down_bits: dict[int, int]) -> list[int]:
     """Clients whose cached theta was not the version the server coded against (``StaleCache``: a node
     restarted, a late Flower ClientApp overwrote its state, a damaged cache) get a snapshot in the same
@@ -426,7 +436,7 @@ def _resend_stale(exp: Experiment, transport: Transport, state: ServerState, rnd
         exp.method.delivered(state, c, False)
         transport.forget(c)
         del ex.failures[c]
-    again = {c: exp.method.downlink(state, c, rnd) for c in stale}
+    again = {c: _send(exp.method, state, c, rnd) for c in stale}
     ex2 = transport.exchange(rnd, again)
     for c, b in again.items():
         down_bits[c] += 8 * len(b)
@@ -444,7 +454,7 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
     t0 = time.time()
     cfg, method = exp.cfg, exp.method
     selected = select_clients(cfg, rnd, transport.available(rnd))
-    downlinks = {cid: method.downlink(state, cid, rnd) for cid in selected}
+    downlinks = {cid: _send(method, state, cid, rnd) for cid in selected}
     ex: Exchange = transport.exchange(rnd, downlinks)
     down_bits = {cid: 8 * len(b) for cid, b in downlinks.items()}
     resent = _resend_stale(exp, transport, state, rnd, ex, down_bits)
