@@ -13,6 +13,12 @@ the final accuracy, the mean of the last 3 rounds, the best and how far the fina
 gives the mean and sample sd over seeds per (split, method); the goal columns check DeltaMask against its own
 warm-up (final >= warm-up - 1 point) and against federated linear probing (mean of the last 3 rounds).
 Raw rows: ``OUT/rows-SETUP.jsonl`` (one per run, with the trajectory).
+
+Methods: ``deltamask`` is the library's default (``client_loss=auto``: the balanced loss since issue 25),
+``deltamask-ce`` plain cross-entropy (the default before; what rows named ``deltamask`` in RESULTS.md's tables
+from before that change ran), ``fedpm``, ``linear-probe``, ``fedavg``, and any ``--variant``. A run folder with a
+summary is reused only if it ran the same keys and trained with the same loss (``summary.json``'s
+``client_loss``).
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ def write_fmnist3(path: Path) -> None:
 SPLITS = {"a0.1-3of6": (0.1, 6, 3), "a0.5-3of6": (0.5, 6, 3), "a0.1-5of10": (0.1, 10, 5), "a0.5-5of10": (0.5, 10, 5),
           "preset": None}
 METHODS = {
-    "deltamask": {"method": "deltamask"},
+    "deltamask": {"method": "deltamask"},  # the library's default: client_loss=auto, balanced since issue 25
+    "deltamask-ce": {"method": "deltamask", "client_loss": "ce"},  # plain cross-entropy (the default before)
     "fedpm": {"method": "fedpm"},
     "linear-probe": {"method": "linear-probe"},
     "fedavg": {"method": "fedavg"},
@@ -84,12 +91,36 @@ def _sets(d: dict[str, object]) -> list[str]:
     return out
 
 
+def _resolved_loss(cfg: dict[str, object]) -> str:
+    """The local loss a config trains with (``client_loss=auto`` resolves by this build's rule)."""
+    from deltamask.config import Config, client_loss_of
+
+    known = {k: v for k, v in cfg.items() if k in Config.__dataclass_fields__}
+    return client_loss_of(Config(**known))
+
+
+def _resolved_loss_then(summary: dict) -> str:
+    """The loss a finished run trained with: its summary's own word, else (runs from before issue 25's
+    change of ``auto``) ``auto`` meant balanced only with a joint head."""
+    if "client_loss" in summary:
+        return str(summary["client_loss"])
+    cfg = summary["config"]
+    loss = str(cfg.get("client_loss", "auto"))
+    if loss != "auto":
+        return loss
+    return "balanced" if cfg.get("train_head") in (True, "true") else "ce"
+
+
 def run_one(out: Path, preset: str | None, keys: dict[str, object]) -> dict:
     summary = out / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        if s.get("status") == "completed" and all(str(s["config"].get(k)) == str(v) or
-                                                  str(v).lower() == str(s["config"].get(k)).lower() for k, v in keys.items()):
+        same = all(str(s["config"].get(k)) == str(v) or str(v).lower() == str(s["config"].get(k)).lower() for k, v in keys.items())
+        # a run kept from before a default changed is reused only if it trained with the loss this run would
+        # (rows named "deltamask" before issue 25's change are plain cross-entropy: rerun them as deltamask-ce)
+        want = {**s["config"], "method": keys.get("method", s["config"].get("method")),
+                "client_loss": keys.get("client_loss", "auto"), "train_head": str(keys.get("train_head", s["config"].get("train_head"))).lower() == "true"}
+        if s.get("status") == "completed" and same and _resolved_loss_then(s) == _resolved_loss(want):
             return s
     cmd = [sys.executable, "-m", "deltamask.app.cli", "run", "--out", str(out), "--overwrite"]
     if preset:

@@ -91,7 +91,7 @@ class Config:
     head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
     train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
     head_server_lr: float = _f(1.0, "train_head: the server moves the global head this fraction of the way to the clients' combined head each mask round (1 = plain FedAvg; < 1 damps the swing that a few label-skewed clients give it)")
-    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced where the head is trained jointly (train_head=true), else ce", ("auto", "ce", "balanced"))
+    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced for deltamask (its head warm-up included) and wherever the head is trained jointly (train_head=true), else ce (benchmarks/RESULTS.md, skewed clients)", ("auto", "ce", "balanced"))
     # --- DeltaMask ---
     kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)")
     kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
@@ -271,9 +271,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 #: them beside the experiment keys, and a preset may hold them too (``deltamask run --config`` uses
 #: ``out-dir``; the others steer the Flower engine only). (default, help)
 def client_loss_of(cfg: Config) -> str:
-    """The local loss ``client_loss`` resolves to: ``auto`` is ``balanced`` with a jointly trained head."""
+    """The local loss ``client_loss`` resolves to: ``auto`` is ``balanced`` for DeltaMask and with a jointly
+    trained head (issue 25: measured on the skewed grid and the presets), plain cross-entropy elsewhere (FedPM
+    with a frozen head and linear probing stay as they were: not measured with it)."""
     if cfg.client_loss == "auto":
-        return "balanced" if cfg.train_head else "ce"
+        return "balanced" if cfg.train_head or cfg.method == "deltamask" else "ce"
     return cfg.client_loss
 
 
