@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..run.experiment import Experiment, build_experiment
-from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply, failure_kind
+from ..errors import failure_kind
+from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply
 from ..run.round import Progress, resume_config, run_rounds
 from ..run.transport import Exchange, Transport
 

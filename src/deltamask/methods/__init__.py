@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError, register_method_name
 from ..model.masking import MaskedNetwork
-from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Method, Reply, failure_kind
+from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Method, Reply
 from .baselines import BASELINES
 from .masks import DeltaMask, FedPM, LinearProbe
 
@@ -27,4 +27,4 @@ def create_method(cfg: Config, net: MaskedNetwork) -> Method:
     return cls(cfg, net)
 
 
-__all__ = ["METHODS", "Aggregation", "ClientContext", "ClientData", "ClientFailure", "Failure", "Method", "Reply", "create_method", "failure_kind", "register_method"]
+__all__ = ["METHODS", "Aggregation", "ClientContext", "ClientData", "ClientFailure", "Failure", "Method", "Reply", "create_method", "register_method"]

@@ -83,15 +83,7 @@ FAILURE_KINDS = (
     "malformed",  # the reply arrived but its payload does not decode
     "rejected",  # the reply decoded but failed a check against what the server knows (robust.py)
     "stale-cache",  # the client's cached theta is not what the server coded against: re-sent a snapshot this round
-)
-#: the kinds a client (or a node, over the wire) may name for its own failure; anything else it names is "error"
-CLIENT_FAILURE_KINDS = ("error", "stale-cache")
-
-
-def failure_kind(e: BaseException) -> str:
-    """The failure kind of an exception raised by a client's update."""
-    kind = getattr(e, "kind", "error") if isinstance(e, ClientFailure) else "error"
-    return kind if kind in CLIENT_FAILURE_KINDS else "error"
+)  # a client may name only errors.CLIENT_FAILURE_KINDS for itself
 
 
 @dataclass(frozen=True)

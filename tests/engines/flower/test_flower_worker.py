@@ -182,6 +182,22 @@ def test_deployment_clientapp_imports_no_torch() -> None:
     assert out == "False"
 
 
+def test_a_failing_clientapp_names_its_failure_kind_without_torch() -> None:
+    """The ClientApp's failure path resolves the kind a worker's update failed with (stale-cache passes,
+    anything outside the client kinds is error) with the torch-free errors module: a failing node never
+    pays torch's import."""
+    code = (
+        "import sys\n"
+        "from deltamask.engines.flower import client_app\n"
+        "from deltamask.engines.flower.worker import WorkerError\n"
+        "kinds = [client_app.failure_kind(e) for e in (WorkerError('x', 'stale-cache'), WorkerError('x', 'rejected'), "
+        "WorkerError('x'), ValueError('x'))]\n"
+        "print(kinds, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['stale-cache', 'error', 'error', 'error'] False"
+
+
 def test_default_anchor_is_the_supernode_behind_its_superexec() -> None:
     # a stand-in for Flower's chain SuperNode -> flower-superexec --parent-pid PID -> flwr-clientapp
     child = "from deltamask.engines.flower.worker import default_anchor; print(default_anchor())"

@@ -33,6 +33,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ...config import ConfigError
+from ...errors import failure_kind
 from .node import FaultHook, ScriptedFault, node_config_of, node_fault, node_partition, uses_worker
 from .records import (
     META_KEY,
@@ -112,10 +113,7 @@ def make_client_app(defaults: dict[str, Any] | None = None, fault: FaultHook | N
                 payload, stype, n, metrics, new_state = _train_here(context, cfg, pid, rnd, downlink, state)
         except Exception as e:  # noqa: BLE001 - reported to the server, which drops this client
             reason = f"{type(e).__name__}: {e}"
-            from ...methods.base import failure_kind
-            from .worker import WorkerError
-
-            kind = e.kind if isinstance(e, WorkerError) else failure_kind(e)
+            kind = failure_kind(e)  # a WorkerError carries the kind the worker's update failed with
             log.warning("round %d: client %d failed: %s", rnd, pid, reason)
             log.debug("%s", traceback.format_exc())
             clear_client_state(context.state)

@@ -50,9 +50,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from ...config import Config
-from ...errors import RunFailed
+from ...errors import CLIENT_FAILURE_KINDS, RunFailed
 from ...methods import Failure, Reply
-from ...methods.base import CLIENT_FAILURE_KINDS
 from ...run.transport import Exchange, Transport
 from .client_app import METRICS_KEY
 from .records import META_KEY, RecordError, pack_payload, record_bytes, unpack_meta, unpack_payload, wire_bytes

@@ -251,7 +251,7 @@ def serve(path: Path, anchor: int, idle_timeout: float) -> None:
                 try:
                     reply, out = _handle(header, blobs)
                 except Exception as e:  # noqa: BLE001 - the client fails with this reason; the worker lives on
-                    from ...methods.base import failure_kind
+                    from ...errors import failure_kind
 
                     reply, out = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": failure_kind(e)}, {}
                 send_frame(conn, reply, out)
