@@ -92,11 +92,13 @@ def _sets(d: dict[str, object]) -> list[str]:
 
 
 def _resolved_loss(cfg: dict[str, object]) -> str:
-    """The local loss a config trains with (``client_loss=auto`` resolves by this build's rule)."""
-    from deltamask.config import Config, client_loss_of
+    """The local loss a config (values as saved, or as ``--set`` strings) trains with in this build
+    (``client_loss=auto`` resolves by this build's rule)."""
+    from deltamask.config import Config, client_loss_of, parse_bool
 
-    known = {k: v for k, v in cfg.items() if k in Config.__dataclass_fields__}
-    return client_loss_of(Config(**known))
+    th = cfg.get("train_head", False)
+    return client_loss_of(Config(method=str(cfg.get("method", "deltamask")), client_loss=str(cfg.get("client_loss", "auto")),
+                                 train_head=th if isinstance(th, bool) else parse_bool(str(th))))
 
 
 def _resolved_loss_then(summary: dict) -> str:
@@ -118,9 +120,7 @@ def run_one(out: Path, preset: str | None, keys: dict[str, object]) -> dict:
         same = all(str(s["config"].get(k)) == str(v) or str(v).lower() == str(s["config"].get(k)).lower() for k, v in keys.items())
         # a run kept from before a default changed is reused only if it trained with the loss this run would
         # (rows named "deltamask" before issue 25's change are plain cross-entropy: rerun them as deltamask-ce)
-        want = {**s["config"], "method": keys.get("method", s["config"].get("method")),
-                "client_loss": keys.get("client_loss", "auto"), "train_head": str(keys.get("train_head", s["config"].get("train_head"))).lower() == "true"}
-        if s.get("status") == "completed" and same and _resolved_loss_then(s) == _resolved_loss(want):
+        if s.get("status") == "completed" and same and _resolved_loss_then(s) == _resolved_loss({**s["config"], **keys}):
             return s
     cmd = [sys.executable, "-m", "deltamask.app.cli", "run", "--out", str(out), "--overwrite"]
     if preset:
