@@ -61,3 +61,58 @@ def test_presets_in_configs_folder_are_valid() -> None:
     assert presets, "configs/*.toml presets ship with the project"
     for p in presets:
         from_sources(str(p))
+
+
+# --- one place for each piece of knowledge: the fields' metadata, and the key sets derived from it ----------
+
+def test_every_field_says_what_it_changes_and_the_key_sets_follow() -> None:
+    from deltamask.config import (BUILTIN_METHODS, CACHE_IGNORED, EFFECTS, FIELDS, HASH_EXCLUDED, RESUME_OVERRIDABLE,
+                                  keys_with)
+
+    for k, f in FIELDS.items():
+        assert f.metadata["effect"] in EFFECTS, k
+        assert f.metadata["methods"] is None or set(f.metadata["methods"]) <= set(BUILTIN_METHODS), k
+    # pinned: a key moved to another effect changes the Flower config hash, what resume accepts or the node cache
+    report = {"progress", "max_skipped_rounds", "downhill_rounds", "downhill_drop"}
+    assert HASH_EXCLUDED == report | {"device"}
+    assert RESUME_OVERRIDABLE == report | {"device", "rounds"}
+    assert keys_with("storage") == {"cache_ram_mb", "prefix_cache", "cache_dir"}
+    assert CACHE_IGNORED == set(FIELDS) - {"model", "weights", "dataset", "data_dir", "image_size", "train_samples",
+                                           "test_samples", "seed", "cache_dtype", "num_clients", "partition", "alpha",
+                                           "min_partition_size", "masked_blocks", "mask_pattern"}
+
+
+def test_the_derived_sets_are_what_the_engines_use() -> None:
+    from deltamask import config
+    from deltamask.engines.flower import node_cache, settings
+    from deltamask.run import round as round_mod
+
+    assert settings.HASH_EXCLUDED is config.HASH_EXCLUDED
+    assert round_mod.RESUME_OVERRIDABLE is config.RESUME_OVERRIDABLE
+    assert node_cache.IGNORED_KEYS is config.CACHE_IGNORED
+    assert settings.FLOWER_KEYS is config.ENGINE_KEYS
+    # the engine keys' defaults live once, in EngineSettings
+    s = settings.FlowerSettings()
+    assert {k: getattr(s, k.replace("-", "_")) for k in config.ENGINE_KEYS} == {k: v[0] for k, v in config.ENGINE_KEYS.items()}
+    assert config.ENGINE_KEYS["round-timeout"][0] == 600.0 and config.ENGINE_KEYS["out-dir"][0] == ""
+
+
+def test_hash_excluded_keys_do_not_change_the_flower_config_hash_and_the_rest_do() -> None:
+    from deltamask.engines.flower.settings import config_hash
+
+    base = Config()
+    assert config_hash(build_config({"progress": False, "device": "cpu", "downhill_rounds": 0})) == config_hash(base)
+    assert config_hash(build_config({"cache_dir": "/x"})) != config_hash(base)  # storage stays in the hash
+    assert config_hash(build_config({"rounds": 7})) != config_hash(base)
+
+
+def test_a_key_the_method_never_reads_is_said_when_the_run_starts() -> None:
+    from deltamask.config import stability_warnings, unused_keys
+
+    assert unused_keys(build_config({"qsgd_levels": 8})) == ["qsgd_levels"]
+    assert unused_keys(build_config({"method": "qsgd", "qsgd_levels": 8})) == []
+    assert unused_keys(build_config({"method": "fedavg", "kappa": 0.3, "lora_rank": 8})) == ["kappa", "lora_rank"]
+    assert unused_keys(build_config({"method": "fedpm", "reset_every": 0})) == []  # read by both mask methods
+    assert unused_keys(Config(method="fedavg")) == []  # defaults are never reported
+    (w,) = stability_warnings(build_config({"method": "fedavg", "kappa": 0.3}))
+    assert "kappa=0.3" in w and "deltamask" in w and "fedavg" in w

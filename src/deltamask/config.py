@@ -19,57 +19,72 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and how to fix it."""
 
 
-#: method names ``method=`` accepts: the built-ins, plus plug-ins added by
-#: :func:`deltamask.methods.register_method` (this module imports no method: methods build on it;
-#: ``tests/test_config.py`` checks this list against the method registry)
-METHOD_NAMES: list[str] = ["deltamask", "fedpm", "linear-probe", "fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora"]
+#: the built-in methods (``method=``; plug-ins join through :func:`register_method_name`)
+BUILTIN_METHODS = ("deltamask", "fedpm", "linear-probe", "fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora")
+_MASK = ("deltamask", "fedpm")
+_WEIGHT = ("fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora")
+
+#: What a key changes: every :class:`Config` field says it in its metadata (``effect``), and the key sets
+#: that used to be kept by hand are derived from it (:data:`HASH_EXCLUDED`, :data:`RESUME_OVERRIDABLE`,
+#: :data:`CACHE_IGNORED`). A new key is ``result`` unless it says otherwise.
+EFFECTS = {
+    "data": "the clients' images, labels and split, or the frozen backbone's outputs on them (and so the result); "
+            "keyed in a Flower node's cache",
+    "result": "what the run computes",
+    "length": "how many rounds run: a resumed run may extend it",
+    "storage": "where the prefix outputs are kept, not what they are",
+    "engine": "where the run executes (device): a resumed run may move; not in the Flower config hash",
+    "report": "what the run reports, or when it gives up; never what it computes: a resumed run may change it, "
+              "and server and clients may differ",
+}
 
 
-def register_method_name(name: str) -> None:
-    if name not in METHOD_NAMES:
-        METHOD_NAMES.append(name)
-
-
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, *, effect: str = "result",
+       methods: tuple[str, ...] | None = None, values: tuple[str, ...] | None = None) -> Any:
+    """A config field and its metadata: ``help``; ``choices`` (the only values accepted); ``effect`` (a key of
+    :data:`EFFECTS`); ``methods`` (the methods that read it; None = every method); ``values`` (documented
+    values that plug-ins may extend, unlike ``choices``)."""
+    if effect not in EFFECTS:
+        raise ValueError(f"unknown effect {effect!r}")
+    return field(default=default, metadata={"help": help, "choices": choices, "effect": effect, "methods": methods,
+                                            "values": values})
 
 
 @dataclass(frozen=True)
 class Config:
     # --- experiment ---
-    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe, or a baseline: fedavg, qsgd, signsgd, topk, drive, eden, lora")
+    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe, or a baseline: fedavg, qsgd, signsgd, topk, drive, eden, lora", values=BUILTIN_METHODS)
     model: str = _f(
         "efficientnet_lite0",
-        "backbone spec: efficientnet_lite0 (built-in, offline), timm:NAME, torchvision:NAME, hf:ID_OR_PATH",
-    )
-    weights: str = _f("", "local checkpoint for the backbone (.pth/.safetensors/.bin); empty = the spec's pretrained default; random = random init")
-    dataset: str = _f("fashion-mnist", "data spec: fashion-mnist, digits, npz:PATH, folder:PATH, hf:NAME")
-    data_dir: str = _f("", "where to look for dataset files (fashion-mnist IDX files); empty = default places")
-    image_size: int = _f(64, "input resolution in pixels; 0 = the model's own input size")
-    train_samples: int = _f(3000, "stratified subset of the training set used across all clients (0 = all)")
-    test_samples: int = _f(1000, "stratified subset of the test set used for server evaluation (0 = all)")
-    seed: int = _f(0, "run seed; every random draw derives from (seed, round, client, purpose)")
-    device: str = _f("auto", "torch device: auto (CUDA if available), cpu, cuda, cuda:1, ...")
+        "backbone spec: efficientnet_lite0 (built-in, offline), timm:NAME, torchvision:NAME, hf:ID_OR_PATH", effect="data")
+    weights: str = _f("", "local checkpoint for the backbone (.pth/.safetensors/.bin); empty = the spec's pretrained default; random = random init", effect="data")
+    dataset: str = _f("fashion-mnist", "data spec: fashion-mnist, digits, npz:PATH, folder:PATH, hf:NAME", effect="data")
+    data_dir: str = _f("", "where to look for dataset files (fashion-mnist IDX files); empty = default places", effect="data")
+    image_size: int = _f(64, "input resolution in pixels; 0 = the model's own input size", effect="data")
+    train_samples: int = _f(3000, "stratified subset of the training set used across all clients (0 = all)", effect="data")
+    test_samples: int = _f(1000, "stratified subset of the test set used for server evaluation (0 = all)", effect="data")
+    seed: int = _f(0, "run seed; every random draw derives from (seed, round, client, purpose)", effect="data")
+    device: str = _f("auto", "torch device: auto (CUDA if available), cpu, cuda, cuda:1, ...", effect="engine")
     # --- memory (prefix_cache.py) ---
-    cache_dtype: str = _f("float32", "storage dtype of the cached prefix outputs; compute stays float32 (rows cast per batch), float16/bfloat16 halve the bytes", ("float32", "float16", "bfloat16"))
-    cache_ram_mb: int = _f(0, "RAM budget in MB of the prefix cache (train x2 for clients' copies + test); above it prefix_cache=auto stores it on disk (0 = no limit)")
-    prefix_cache: str = _f("auto", "where the prefix outputs live: auto (RAM within cache_ram_mb, else disk), ram (refused above the budget), disk (a file under cache_dir, read per batch)", ("auto", "ram", "disk"))
-    cache_dir: str = _f("", "directory of the disk prefix cache (files deleted when the run ends); empty = the system temp dir")
+    cache_dtype: str = _f("float32", "storage dtype of the cached prefix outputs; compute stays float32 (rows cast per batch), float16/bfloat16 halve the bytes", ("float32", "float16", "bfloat16"), effect="data")
+    cache_ram_mb: int = _f(0, "RAM budget in MB of the prefix cache (train x2 for clients' copies + test); above it prefix_cache=auto stores it on disk (0 = no limit)", effect="storage")
+    prefix_cache: str = _f("auto", "where the prefix outputs live: auto (RAM within cache_ram_mb, else disk), ram (refused above the budget), disk (a file under cache_dir, read per batch)", ("auto", "ram", "disk"), effect="storage")
+    cache_dir: str = _f("", "directory of the disk prefix cache (files deleted when the run ends); empty = the system temp dir", effect="storage")
     # --- federation ---
-    rounds: int = _f(30, "communication rounds in total, head warm-up included")
-    num_clients: int = _f(10, "number of clients the training set is split across")
+    rounds: int = _f(30, "communication rounds in total, head warm-up included", effect="length")
+    num_clients: int = _f(10, "number of clients the training set is split across", effect="data")
     clients_per_round: int = _f(5, "clients sampled each round (K)")
-    partition: str = _f("dirichlet", "how the training set is split across clients", ("iid", "dirichlet"))
-    alpha: float = _f(0.5, "Dirichlet concentration over labels (smaller = more non-IID)")
-    min_partition_size: int = _f(20, "minimum samples per client for the Dirichlet split")
+    partition: str = _f("dirichlet", "how the training set is split across clients", ("iid", "dirichlet"), effect="data")
+    alpha: float = _f(0.5, "Dirichlet concentration over labels (smaller = more non-IID)", effect="data")
+    min_partition_size: int = _f(20, "minimum samples per client for the Dirichlet split", effect="data")
     weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation")
     min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
-    downhill_rounds: int = _f(3, "report a walk downhill: global accuracy falling at this many consecutive evaluations, or the final accuracy ending downhill_drop below the run's best (record, summary.json, status line; 0 = off)")
-    downhill_drop: float = _f(0.02, "the smallest fall in accuracy (a fraction: 0.02 = 2 points) that downhill_rounds reports")
-    max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too")
+    downhill_rounds: int = _f(3, "report a walk downhill: global accuracy falling at this many consecutive evaluations, or the final accuracy ending downhill_drop below the run's best (record, summary.json, status line; 0 = off)", effect="report")
+    downhill_drop: float = _f(0.02, "the smallest fall in accuracy (a fraction: 0.02 = 2 points) that downhill_rounds reports", effect="report")
+    max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too", effect="report")
     # --- untrusted clients (robust.py; benchmarks/bench_attacks.py) ---
-    max_flip_fraction: float = _f(0.0, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected; 0 = the protocol's own bound ceil(kappa * N), which no honest client exceeds")
-    flip_outlier: float = _f(3.0, "mask methods: a reply whose flips exceed this many times the round's median is rejected (3+ replies; honest max/median <= 1.1 measured; 0 = off)")
+    max_flip_fraction: float = _f(0.0, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected; 0 = the protocol's own bound ceil(kappa * N), which no honest client exceeds", methods=("deltamask",))
+    flip_outlier: float = _f(3.0, "mask methods: a reply whose flips exceed this many times the round's median is rejected (3+ replies; honest max/median <= 1.1 measured; 0 = off)", methods=_MASK)
     clip_factor: float = _f(5.0, "heads and weight updates: each client's update (per tensor for the head) is norm-clipped to this many times the round's median update norm (honest max/median <= 2.4 measured; 0 = off)")
     robust_mean: str = _f("mean", "coordinate-wise rule that combines heads and weight updates", ("mean", "median", "trimmed-mean"))
     trim_fraction: float = _f(0.2, "trimmed-mean: fraction of the replies cut at each end, per coordinate (at least one each end)")
@@ -77,48 +92,48 @@ class Config:
     # --- local training ---
     local_epochs: int = _f(1, "local epochs per round (E)")
     batch_size: int = _f(64, "local mini-batch size")
-    lr: float = _f(0.1, "Adam learning rate for mask scores")
+    lr: float = _f(0.1, "Adam learning rate for mask scores", methods=_MASK)
     head_lr: float = _f(0.01, "Adam learning rate for the linear head")
     head_epochs: int = _f(5, "local epochs for the head in linear probing / warm-up rounds")
     # --- masks (METHOD.md) ---
-    masked_blocks: int = _f(5, "mask every weight matrix / conv kernel in the last L blocks (L)")
-    mask_pattern: str = _f("", "regex over parameter names selecting masked weights (overrides masked_blocks)")
-    theta0: float = _f(0.99, "initial keep-probability of every masked weight")
-    eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit")
-    reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)")
-    posterior_memory: float = _f(0.0, "mask methods: the Beta posterior keeps this fraction of the earlier rounds' evidence (alpha, beta decay towards Beta(1,1)) instead of resetting each round, so one round's few clients move theta less (0 = reset_every decides; needs reset_every 0 or 1; theta then goes down quantized, not as counts)")
-    posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"))
+    masked_blocks: int = _f(5, "mask every weight matrix / conv kernel in the last L blocks (L)", effect="data")
+    mask_pattern: str = _f("", "regex over parameter names selecting masked weights (overrides masked_blocks)", effect="data")
+    theta0: float = _f(0.99, "initial keep-probability of every masked weight", methods=_MASK)
+    eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit", methods=_MASK)
+    reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)", methods=_MASK)
+    posterior_memory: float = _f(0.0, "mask methods: the Beta posterior keeps this fraction of the earlier rounds' evidence (alpha, beta decay towards Beta(1,1)) instead of resetting each round, so one round's few clients move theta less (0 = reset_every decides; needs reset_every 0 or 1; theta then goes down quantized, not as counts)", methods=_MASK)
+    posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"), methods=_MASK)
     head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
-    train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)")
-    head_server_lr: float = _f(1.0, "train_head: the server moves the global head this fraction of the way to the clients' combined head each mask round (1 = plain FedAvg; < 1 damps the swing that a few label-skewed clients give it)")
-    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced for deltamask (its head warm-up included) and wherever the head is trained jointly (train_head=true), else ce (benchmarks/RESULTS.md, skewed clients)", ("auto", "ce", "balanced"))
+    train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)", methods=_MASK)
+    head_server_lr: float = _f(1.0, "train_head: the server moves the global head this fraction of the way to the clients' combined head each mask round (1 = plain FedAvg; < 1 damps the swing that a few label-skewed clients give it)", methods=_MASK)
+    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced for deltamask (its head warm-up included) and wherever the head is trained jointly (train_head=true), else ce (benchmarks/RESULTS.md, skewed clients)", ("auto", "ce", "balanced"), methods=(*_MASK, "linear-probe"))
     # --- DeltaMask ---
-    kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)")
-    kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"))
-    kappa_rank: str = _f("change", "how the delta is ranked for top-kappa: change = |theta_k - theta_g| (the paper), logit = |logit theta_k - logit theta_g| (moves near 0 and 1 count more)", ("change", "logit"))
-    kappa_min: float = _f(0.2, "final kappa of the cosine schedule")
+    kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)", methods=("deltamask",))
+    kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"), methods=("deltamask",))
+    kappa_rank: str = _f("change", "how the delta is ranked for top-kappa: change = |theta_k - theta_g| (the paper), logit = |logit theta_k - logit theta_g| (moves near 0 and 1 count more)", ("change", "logit"), methods=("deltamask",))
+    kappa_min: float = _f(0.2, "final kappa of the cosine schedule", methods=("deltamask",))
     # --- codecs ---
     codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")
-    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32")
-    downlink: str = _f("auto", "theta to a client that holds an older version: auto (smallest of snapshot, cond, replay), snapshot (theta alone), cond (levels coded against the client's cached levels), replay (the uplinks it missed)", ("auto", "snapshot", "cond", "replay"))
-    downlink_history: int = _f(8, "theta versions the server keeps to code against (a client holding an older one gets a snapshot)")
+    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32", methods=_MASK)
+    downlink: str = _f("auto", "theta to a client that holds an older version: auto (smallest of snapshot, cond, replay), snapshot (theta alone), cond (levels coded against the client's cached levels), replay (the uplinks it missed)", ("auto", "snapshot", "cond", "replay"), methods=_MASK)
+    downlink_history: int = _f(8, "theta versions the server keeps to code against (a client holding an older one gets a snapshot)", methods=_MASK)
     head_codec: str = _f("f16", "codec of the dense head (f32 before issue 9; benchmarks/RESULTS.md)", ("f32", "f16"))
     # --- output ---
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")
     eval_sampled: bool = _f(True, "also report accuracy with one sampled mask")
-    progress: bool = _f(True, "print a progress line per round to stderr")
+    progress: bool = _f(True, "print a progress line per round to stderr", effect="report")
     # --- baselines --- (weight-training baselines: fedavg, qsgd, signsgd, topk, drive, eden, lora; docs/baselines.md)
-    weight_lr: float = _f(1e-4, "Adam learning rate of the trained weights / LoRA adapters in the weight-training baselines")
-    qsgd_levels: int = _f(4, "QSGD: quantisation levels s per sign, 1..1024 (Alistarh et al. 2017)")
-    qsgd_bucket: int = _f(512, "QSGD: values per bucket, one f32 norm each (0 = one bucket; the paper's experiments use 512)")
-    signsgd_mode: str = _f("ef", "signSGD: ef = scaled sign with error feedback (Karimireddy et al. 2019), vote = majority vote (Bernstein et al. 2019)", ("ef", "vote"))
-    topk_ratio: float = _f(0.01, "TopK: fraction of the update's entries sent each round, with error feedback")
-    drive_scale: str = _f("unbiased", "DRIVE scale: unbiased = ||x||^2/||Rx||_1 (for averaging), mse = ||Rx||_1/d (biased)", ("unbiased", "mse"))
-    eden_bits: float = _f(0.5, "EDEN bits per coordinate: in (0,1) = sub-bit by random sub-sampling, or an integer 1..8")
-    rotation_block: int = _f(65536, "DRIVE/EDEN: randomized Hadamard block, a power of two >= 256 (0 = whole vector, padded)")
-    lora_rank: int = _f(4, "LoRA: rank r of the adapters on the maskable tensors")
-    lora_alpha: float = _f(0.0, "LoRA: scaling alpha, dW = alpha/r * B A (0 = r, scale 1)")
-    lora_dtype: str = _f("f32", "LoRA: adapter updates on the wire", ("f32", "f16"))
+    weight_lr: float = _f(1e-4, "Adam learning rate of the trained weights / LoRA adapters in the weight-training baselines", methods=_WEIGHT)
+    qsgd_levels: int = _f(4, "QSGD: quantisation levels s per sign, 1..1024 (Alistarh et al. 2017)", methods=("qsgd",))
+    qsgd_bucket: int = _f(512, "QSGD: values per bucket, one f32 norm each (0 = one bucket; the paper's experiments use 512)", methods=("qsgd",))
+    signsgd_mode: str = _f("ef", "signSGD: ef = scaled sign with error feedback (Karimireddy et al. 2019), vote = majority vote (Bernstein et al. 2019)", ("ef", "vote"), methods=("signsgd",))
+    topk_ratio: float = _f(0.01, "TopK: fraction of the update's entries sent each round, with error feedback", methods=("topk",))
+    drive_scale: str = _f("unbiased", "DRIVE scale: unbiased = ||x||^2/||Rx||_1 (for averaging), mse = ||Rx||_1/d (biased)", ("unbiased", "mse"), methods=("drive",))
+    eden_bits: float = _f(0.5, "EDEN bits per coordinate: in (0,1) = sub-bit by random sub-sampling, or an integer 1..8", methods=("eden",))
+    rotation_block: int = _f(65536, "DRIVE/EDEN: randomized Hadamard block, a power of two >= 256 (0 = whole vector, padded)", methods=("drive", "eden"))
+    lora_rank: int = _f(4, "LoRA: rank r of the adapters on the maskable tensors", methods=("lora",))
+    lora_alpha: float = _f(0.0, "LoRA: scaling alpha, dW = alpha/r * B A (0 = r, scale 1)", methods=("lora",))
+    lora_dtype: str = _f("f32", "LoRA: adapter updates on the wire", ("f32", "f16"), methods=("lora",))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +143,34 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+
+
+def keys_with(*effects: str) -> frozenset[str]:
+    """The config keys whose ``effect`` is one of ``effects``."""
+    return frozenset(k for k, f in FIELDS.items() if f.metadata["effect"] in effects)
+
+
+#: method names ``method=`` accepts: the built-ins, plus plug-ins added by
+#: :func:`deltamask.methods.register_method` (this module imports no method: methods build on it;
+#: ``tests/run/test_round.py`` checks this list against the method registry)
+METHOD_NAMES: list[str] = list(FIELDS["method"].metadata["values"])
+#: keys that may differ between the Flower server and its clients (excluded from the config hash)
+HASH_EXCLUDED: frozenset[str] = keys_with("report", "engine")
+#: keys a resumed run may change: nothing it changes was computed differently by the rounds already done
+RESUME_OVERRIDABLE: frozenset[str] = keys_with("report", "engine", "length")
+#: keys that cannot change a client's data or the frozen backbone's outputs (a Flower node cache ignores them)
+CACHE_IGNORED: frozenset[str] = frozenset(FIELDS) - keys_with("data")
+
+
+def register_method_name(name: str) -> None:
+    if name not in METHOD_NAMES:
+        METHOD_NAMES.append(name)
+
+
+def unused_keys(cfg: Config) -> list[str]:
+    """Keys set away from their default that ``cfg.method`` never reads (from each field's ``methods``)."""
+    return [k for k, f in FIELDS.items()
+            if f.metadata["methods"] is not None and cfg.method not in f.metadata["methods"] and getattr(cfg, k) != f.default]
 
 
 def normalize_key(key: str) -> str:
@@ -267,9 +310,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-#: engine keys: where and how a run executes, never what it computes. Flower's ``run_config`` takes
-#: them beside the experiment keys, and a preset may hold them too (``deltamask run --config`` uses
-#: ``out-dir``; the others steer the Flower engine only). (default, help)
 def client_loss_of(cfg: Config) -> str:
     """The local loss ``client_loss`` resolves to: ``auto`` is ``balanced`` for DeltaMask and with a jointly
     trained head (issue 25: measured on the skewed grid and the presets), plain cross-entropy elsewhere (FedPM
@@ -282,7 +322,8 @@ def client_loss_of(cfg: Config) -> str:
 def stability_warnings(cfg: Config) -> list[str]:
     """Settings measured to make a run unstable (issue 25), said when the run starts rather than found in
     its trajectory: each a line naming the setting and what to set instead."""
-    out = []
+    out = [f"{k}={getattr(cfg, k)!r} has no effect with method={cfg.method!r} (it is read by "
+           f"{', '.join(FIELDS[k].metadata['methods'])}); remove it or pick one of those methods" for k in unused_keys(cfg)]
     skewed = cfg.partition == "dirichlet" and cfg.clients_per_round < cfg.num_clients
     if cfg.method in ("deltamask", "fedpm") and cfg.train_head and cfg.client_loss == "ce" and skewed:
         out.append(
@@ -294,12 +335,22 @@ def stability_warnings(cfg: Config) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine keys: where and how a run executes, never what it computes. Flower's ``run_config`` takes them
+    beside the experiment keys (kebab-case), and a preset may hold them too (``deltamask run --config`` uses
+    ``out-dir``; the others steer the Flower engine only)."""
+
+    out_dir: str = _f("", "where the run is written; Flower: an absolute path (empty: ~/deltamask-runs/flower-RUN_ID)", effect="engine")
+    round_timeout: float = _f(600.0, "seconds the server waits for a round's replies; a client not back by then is dropped (Flower; the local engine only when a run sets it)", effect="engine")
+    node_wait_timeout: float = _f(120.0, "Flower: seconds the server waits before round 1 for num-clients nodes; none at all fails the run", effect="engine")
+    resume: bool = _f(False, "Flower: continue the interrupted run in out-dir (locally: deltamask run --resume DIR)", effect="engine")
+    overwrite: bool = _f(False, "replace a run already in out-dir (otherwise it is refused)", effect="engine")
+
+
+#: the engine keys, kebab-case: (default, help), from :class:`EngineSettings`
 ENGINE_KEYS: dict[str, tuple[Any, str]] = {
-    "out-dir": ("", "where the run is written; Flower: an absolute path (empty: ~/deltamask-runs/flower-RUN_ID)"),
-    "round-timeout": (600.0, "seconds the server waits for a round's replies; a client not back by then is dropped (Flower; the local engine only when a run sets it)"),
-    "node-wait-timeout": (120.0, "Flower: seconds the server waits before round 1 for num-clients nodes; none at all fails the run"),
-    "resume": (False, "Flower: continue the interrupted run in out-dir (locally: deltamask run --resume DIR)"),
-    "overwrite": (False, "replace a run already in out-dir (otherwise it is refused)"),
+    f.name.replace("_", "-"): (f.default, f.metadata["help"]) for f in fields(EngineSettings)
 }
 
 
@@ -351,5 +402,7 @@ def describe() -> list[tuple[str, str, Any, str]]:
         help_ = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_ += f" [{' | '.join(f.metadata['choices'])}]"
+        if f.metadata.get("methods"):
+            help_ += f" (read by: {', '.join(f.metadata['methods'])})"
         rows.append((f.name, f.type if isinstance(f.type, str) else f.type.__name__, f.default, help_))
     return rows

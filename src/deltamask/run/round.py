@@ -30,7 +30,7 @@ import torch
 
 from ..fl import seeding
 from ..fl.training import evaluate
-from ..config import Config, ConfigError, build_config, client_loss_of, from_sources, parse_sets, stability_warnings
+from ..config import RESUME_OVERRIDABLE, Config, ConfigError, build_config, client_loss_of, from_sources, parse_sets, stability_warnings
 from ..errors import RunFailed
 from .experiment import Experiment
 from ..methods import Aggregation, Failure, Reply
@@ -43,8 +43,6 @@ from .transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
 
-#: config keys that may differ when resuming (they do not change the computation)
-RESUME_OVERRIDABLE = ("rounds", "progress", "device", "max_skipped_rounds", "downhill_rounds", "downhill_drop")
 #: files a run writes; a fresh run refuses a folder holding any of them unless asked to overwrite
 RUN_FILES = ("metrics.jsonl", STATE_FILE, "summary.json", "model.safetensors", "config.json", "accuracy.png", "bpp.png")
 
@@ -188,7 +186,7 @@ def resume_config(out: Path, overrides: dict[str, Any]) -> Config:
     _, _, saved, _ = load_state(out)
     bad = [k for k in overrides if k.replace("-", "_") not in RESUME_OVERRIDABLE]
     if bad:
-        raise ConfigError(f"cannot change {', '.join(bad)} when resuming; only {', '.join(RESUME_OVERRIDABLE)} may change")
+        raise ConfigError(f"cannot change {', '.join(bad)} when resuming; only {', '.join(sorted(RESUME_OVERRIDABLE))} may change")
     cfg = build_config(saved)
     return build_config(overrides, base=cfg, from_strings=True)
 
@@ -217,7 +215,7 @@ def check_resumable(cfg: Config, saved: dict[str, Any], out: Path) -> None:
         shown = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:5])
         raise ConfigError(
             f"cannot resume the run in {str(out)!r} with another config: {shown}; resume with the run's own "
-            f"config (only {', '.join(RESUME_OVERRIDABLE)} may change) or start a new run in another folder"
+            f"config (only {', '.join(sorted(RESUME_OVERRIDABLE))} may change) or start a new run in another folder"
         )
 
 

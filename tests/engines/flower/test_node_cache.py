@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmtest import tiny_config
+from deltamask.config import Config
 from deltamask.run import experiment as experiment_mod
 from deltamask.engines.flower import node_cache
 from deltamask.run.experiment import build_experiment
@@ -116,6 +117,7 @@ _CHILD = """
 import sys, hashlib
 sys.path[:0] = {paths!r}
 from dmtest import tiny_config
+from deltamask.config import Config
 from deltamask.engines.flower.node_cache import client_experiment_cached
 exp, data, hit = client_experiment_cached(tiny_config(device="cpu"), {pid}, {cache!r})
 print("RESULT", hit, hashlib.sha256(data.h.numpy().tobytes() + data.y.numpy().tobytes()).hexdigest())
@@ -161,7 +163,42 @@ KEYED = {
     "min_partition_size": 5,
     "masked_blocks": 1,
     "mask_pattern": r"blocks\.5",
+    "cache_dtype": "float16",
 }
+
+
+def test_the_keyed_keys_are_the_config_fields_marked_data() -> None:
+    # the cache key reads the config fields' own metadata (effect="data"): this list and that one agree
+    from deltamask.config import keys_with
+
+    assert set(KEYED) == keys_with("data")
+    assert node_cache.IGNORED_KEYS == frozenset(Config().to_dict()) - set(KEYED)
+
+
+def _other_value(cfg, key: str):  # type: ignore[no-untyped-def]
+    """Another valid value of a config key (for the keys that must not change the cache key)."""
+    from deltamask.config import FIELDS
+
+    special = {"method": "fedpm", "codec": "golomb", "downlink_codec": "probs-q8", "device": "cuda", "kappa": 0.5,
+               "kappa_min": 0.5, "eps": 0.02, "theta0": 0.9, "trim_fraction": 0.1, "clients_per_round": 1,
+               "min_replies": 2, "head_server_lr": {"train_head": True, "head_server_lr": 0.5}, "posterior_memory": 0.5, "max_flip_fraction": 0.5,
+               "flip_outlier": 2.0, "clip_factor": 2.0, "downhill_drop": 0.05, "eden_bits": 0.25, "rotation_block": 256,
+               "qsgd_levels": 8, "cache_dir": "/nonexistent", "client_loss": "ce", "kappa_schedule": "cosine"}
+    if key in special:
+        return special[key] if isinstance(special[key], dict) else {key: special[key]}
+    f = FIELDS[key]
+    if f.metadata["choices"]:
+        return {key: next(c for c in f.metadata["choices"] if c != getattr(cfg, key))}
+    now = getattr(cfg, key)
+    return {key: {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 2 if v else 0.5}[type(now)](now)}
+
+
+@pytest.mark.parametrize("key", sorted(set(Config().to_dict()) - set(KEYED) - {"device"}))
+def test_every_key_not_marked_data_keeps_the_cache_key(cfg, key: str) -> None:
+    # device enters the key resolved, as the device kind (key_material)
+    other = cfg.replace(**_other_value(cfg, key))
+    assert getattr(other, key) != getattr(cfg, key)
+    assert cache_key(other, PID) == cache_key(cfg, PID)
 
 
 @pytest.mark.parametrize("key", sorted(KEYED))

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ... import __version__
-from ...config import Config
+from ...config import CACHE_IGNORED, Config
 from ...run.experiment import Experiment, build_experiment, client_experiment_from_arrays, resolve_device
 from ...methods import ClientData
 from ...model.prefix_cache import stored_tensor
@@ -52,24 +52,10 @@ EVENTS = "events.log"
 #: environment variable a deployment may set to choose the cache directory (see :func:`default_cache_dir`)
 CACHE_ENV = "DELTAMASK_NODE_CACHE"
 
-#: config keys that cannot change a client's prefix outputs, labels or split. Every other key is part
-#: of the cache key (``device`` enters resolved, as the device kind, see :func:`key_material`).
-IGNORED_KEYS: frozenset[str] = frozenset(
-    {
-        "method", "device",
-        "rounds", "clients_per_round", "weighted", "min_replies",
-        "local_epochs", "batch_size", "lr", "head_lr", "head_epochs",
-        "theta0", "eps", "reset_every", "posterior", "posterior_memory", "head_warmup_rounds", "train_head", "head_server_lr", "client_loss",
-        "kappa", "kappa_schedule", "kappa_min",
-        "codec", "downlink_codec", "head_codec",
-        "eval_every", "eval_sampled", "progress",
-        "weight_lr", "qsgd_levels", "qsgd_bucket", "signsgd_mode", "topk_ratio", "drive_scale",
-        "eden_bits", "rotation_block", "lora_rank", "lora_alpha", "lora_dtype",
-        "max_skipped_rounds", "downhill_rounds", "downhill_drop",
-        "max_flip_fraction", "flip_outlier", "clip_factor", "robust_mean", "trim_fraction", "max_abs_param",
-        "cache_ram_mb", "prefix_cache", "cache_dir",  # where the arrays live, not what they are (cache_dtype is keyed)
-    }
-)
+#: config keys that cannot change a client's prefix outputs, labels or split (every key whose ``effect`` is
+#: not ``data``, :data:`deltamask.config.CACHE_IGNORED`). Every other key is part of the cache key
+#: (``device`` enters resolved, as the device kind, see :func:`key_material`).
+IGNORED_KEYS: frozenset[str] = CACHE_IGNORED
 #: libraries whose version can change the arrays (model code, preprocessing, sampling, partitioning)
 _LIBRARIES = ("torch", "timm", "numpy", "flwr-datasets", "datasets", "scikit-learn", "transformers", "torchvision")
 

@@ -15,22 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ...config import ENGINE_KEYS, Config, ConfigError, build_config, split_engine_keys
+from ...config import ENGINE_KEYS, HASH_EXCLUDED, Config, ConfigError, EngineSettings, build_config, split_engine_keys
 
 #: Flower-only keys: (default, help). They steer the engine, not the experiment.
 FLOWER_KEYS: dict[str, tuple[Any, str]] = ENGINE_KEYS
 
-#: keys that may differ between server and clients without changing the computation
-HASH_EXCLUDED = ("progress", "device", "max_skipped_rounds", "downhill_rounds", "downhill_drop")
-
-
-@dataclass(frozen=True)
-class FlowerSettings:
-    out_dir: str = FLOWER_KEYS["out-dir"][0]
-    round_timeout: float = FLOWER_KEYS["round-timeout"][0]
-    node_wait_timeout: float = FLOWER_KEYS["node-wait-timeout"][0]
-    resume: bool = FLOWER_KEYS["resume"][0]
-    overwrite: bool = FLOWER_KEYS["overwrite"][0]
+#: the engine's settings (``EngineSettings``: one place for the keys, their defaults and help)
+FlowerSettings = EngineSettings
+__all__ = ["FLOWER_KEYS", "HASH_EXCLUDED", "FlowerSettings", "app_config_table", "config_hash", "out_dir_of", "resolve"]
 
 
 def resolve(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> tuple[Config, FlowerSettings]:
