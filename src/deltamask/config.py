@@ -168,7 +168,10 @@ def register_method_name(name: str) -> None:
 
 
 def unused_keys(cfg: Config) -> list[str]:
-    """Keys set away from their default that ``cfg.method`` never reads (from each field's ``methods``)."""
+    """Keys set away from their default that ``cfg.method`` never reads (from each field's ``methods``; a
+    plug-in method may read any key)."""
+    if cfg.method not in BUILTIN_METHODS:
+        return []
     return [k for k, f in FIELDS.items()
             if f.metadata["methods"] is not None and cfg.method not in f.metadata["methods"] and getattr(cfg, k) != f.default]
 

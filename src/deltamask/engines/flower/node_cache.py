@@ -99,20 +99,20 @@ def _tree_stat(root: Path, recursive: bool = True) -> Any:
 
 
 def _weights_fingerprint(cfg: Config) -> Any:
-    from ...model.backbones import DEFAULT_MODEL, RANDOM_WEIGHTS, efficientnet_lite0_weights_path
+    from ...model.backbones import RANDOM_WEIGHTS, family_of
 
     if cfg.weights == RANDOM_WEIGHTS:
         return "random"
     if cfg.weights:
         return _tree_stat(Path(cfg.weights).expanduser().resolve(), recursive=False)
-    if cfg.model in (DEFAULT_MODEL, "builtin:efficientnet_lite0"):
-        try:
-            return _stat(Path(efficientnet_lite0_weights_path()))
-        except Exception:  # noqa: BLE001 - package missing: load_model will say so
-            return "missing"
-    if cfg.model.startswith("hf:") and Path(cfg.model[3:]).expanduser().is_dir():
-        return _tree_stat(Path(cfg.model[3:]).expanduser().resolve(), recursive=False)
-    return "pretrained"  # a hub download, identified by the spec and the library versions
+    try:
+        family, arg = family_of(cfg.model)
+        local = family.local_weights(arg) if family.local_weights else None
+    except Exception:  # noqa: BLE001 - unknown spec or package missing: load_model will say so
+        return "missing"
+    if local is None:
+        return "pretrained"  # a hub download, identified by the spec and the library versions
+    return _tree_stat(local, recursive=False) if local.is_dir() else _stat(local)
 
 
 def _data_fingerprint(cfg: Config) -> Any:
