@@ -11,13 +11,14 @@ import constriction
 import numpy as np
 import pytest
 
-from deltamask.codecs import CodecError, dense, get_codec
+from deltamask.codecs import CodecError, dense, entropy, get_codec
 from deltamask.codecs.dense import ProbsCountsCodec, counts_table, theta_from_counts
 
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(dense, "CHUNK", 1000)  # many blocks on a small array
+    monkeypatch.setattr(entropy, "CHUNK", 1000)
     return 1000
 
 
@@ -32,25 +33,62 @@ def _one_shot(symbols: np.ndarray, hist: np.ndarray) -> bytes:
 def test_blocked_ans_equals_one_shot_encode(small_chunks: int, n: int) -> None:
     rng = np.random.default_rng(n)
     sym = rng.binomial(12, 0.3, n).astype(np.uint8)
-    hist, body = dense.ans_encode_symbols(sym, 13)
+    hist, body = entropy.ans_encode_symbols(sym, 13)
     np.testing.assert_array_equal(hist, np.bincount(sym, minlength=13))
     if np.count_nonzero(hist) > 1:
         assert body == _one_shot(sym, hist)
-    np.testing.assert_array_equal(dense.ans_decode_symbols(hist.astype(np.int64), body, n), sym)
+    np.testing.assert_array_equal(entropy.ans_decode_symbols(hist.astype(np.int64), body, n), sym)
     table = rng.random(13).astype(np.float32)
-    np.testing.assert_array_equal(dense.ans_decode_symbols(hist.astype(np.int64), body, n, table=table), table[sym])
+    np.testing.assert_array_equal(entropy.ans_decode_symbols(hist.astype(np.int64), body, n, table=table), table[sym])
+
+
+@pytest.mark.parametrize("n", [1, 999, 1000, 1001, 4567])
+def test_blocked_bernoulli_and_two_streams_equal_one_shot_constriction(small_chunks: int, n: int) -> None:
+    # the coding layer's writer pushes in blocks; constriction's own one-shot calls must give the same words
+    rng = np.random.default_rng(n)
+    p = np.clip(rng.random(n), 1e-6, 1 - 1e-6)
+    bits = (rng.random(n) < p).astype(np.int32)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(bits, constriction.stream.model.Bernoulli(perfect=False), p)
+    assert entropy.ans_write([(bits, entropy.Bernoulli(p))]) == coder.get_compressed().astype("<u4").tobytes()
+    q = rng.integers(0, 7, n)
+    one = constriction.stream.stack.AnsCoder()
+    one.encode_reverse(bits, constriction.stream.model.Bernoulli(perfect=False), p)  # the second stream first
+    one.encode_reverse(q.astype(np.int32), constriction.stream.model.Categorical(np.bincount(q, minlength=7) / n, perfect=False))
+    words = entropy.ans_write([(q, entropy.Categorical.of_histogram(np.bincount(q, minlength=7))), (bits, entropy.Bernoulli(p))])
+    assert words == one.get_compressed().astype("<u4").tobytes()
+    reader = entropy.AnsReader(words, "test")
+    np.testing.assert_array_equal(reader.read(entropy.Categorical.of_histogram(np.bincount(q, minlength=7)), n), q)
+    np.testing.assert_array_equal(reader.read(entropy.Bernoulli(p), n), bits)
+    reader.finish()
+
+
+def test_the_two_counts_codecs_are_one_message_through_two_coders() -> None:
+    from deltamask.codecs.rans import RANS4, ProbsCountsRansCodec
+
+    rng = np.random.default_rng(3)
+    counts = rng.binomial(5, 0.7, 20_000).astype(np.uint8)
+    a, b = ProbsCountsCodec("mode", 0.01), ProbsCountsRansCodec("mode", 0.01)
+    assert a.coder is entropy.ANS_EMPIRICAL and b.coder is RANS4 and type(b).encode is type(a).encode  # no own coding
+    pa, pb = a.encode(None, counts, 5), b.encode(None, counts, 5)
+    assert pa != pb
+    np.testing.assert_array_equal(a.decode(pa), b.decode(pb))
+    np.testing.assert_array_equal(a.decode_counts(pa)[0], b.decode_counts(pb)[0])
+    np.testing.assert_array_equal(b.decode_counts(pb)[0], counts)
+    with pytest.raises(CodecError, match="layout"):  # one coder's params are not the other's
+        RANS4.parse_params(entropy.ANS_EMPIRICAL.params(np.ones(6, np.int64), b"") + bytes(34), 6, "x")
 
 
 def test_corrupted_stream_in_a_later_block_is_refused(small_chunks: int) -> None:
     rng = np.random.default_rng(0)
     sym = rng.integers(0, 5, 5000)
-    hist, body = dense.ans_encode_symbols(sym, 5)
+    hist, body = entropy.ans_encode_symbols(sym, 5)
     bad = bytearray(body)
     bad[len(bad) // 2] ^= 0xFF
     with pytest.raises(CodecError):
-        dense.ans_decode_symbols(hist.astype(np.int64), bytes(bad), 5000)
+        entropy.ans_decode_symbols(hist.astype(np.int64), bytes(bad), 5000)
     with pytest.raises(CodecError, match="symbols must lie"):
-        dense.ans_encode_symbols(np.array([0, 7]), 5)
+        entropy.ans_encode_symbols(np.array([0, 7]), 5)
 
 
 @pytest.mark.parametrize("stat", ["mean", "mode"])

@@ -200,3 +200,23 @@ def _forge(codec_id: int, n: int, count: int, params: bytes, payload: bytes) -> 
 def test_pack_rejects_out_of_range() -> None:
     with pytest.raises(CodecError):
         pack(1, 10**12, 0, b"")
+
+
+def test_every_codec_subclasses_its_kinds_contract_and_register_refuses_one_that_does_not() -> None:
+    from deltamask.codecs import KIND_CONTRACTS, Codec, available_codecs, register
+    from deltamask.codecs.base import _REGISTRY
+
+    for name in available_codecs():
+        cls = _REGISTRY[name]
+        assert issubclass(cls, KIND_CONTRACTS[cls.kind]), name
+    assert "encode" not in vars(Codec) and "decode" not in vars(Codec)  # the signatures live in the contracts
+
+    class Loose(Codec):  # an index codec that skipped IndexCodec: its encode(indices, n, seed) is nowhere declared
+        name, codec_id, kind = "loose", 254, "indices"
+
+        def encode(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return b""
+
+    with pytest.raises(TypeError, match="must subclass IndexCodec"):
+        register(Loose)
+    assert "loose" not in available_codecs()

@@ -12,6 +12,14 @@ container) and back. Four kinds exist, each with its own encode/decode signature
 ``array``    a float tensor of any shape (heads, dense updates). ``encode(array)``; ``decode(data)``.
 ``probs``    the global keep-probabilities going down (downlink). ``encode(theta, counts=None,
              total=None)``; ``decode(data) -> float32[n]``.
+``delta``    theta against the version the receiver holds (:mod:`~deltamask.codecs.delta`).
+             ``encode_same`` / ``encode_cond`` / ``encode_replay`` (or ``encode(mode=..., ...)``);
+             ``decode(data) -> DeltaMessage``.
+
+Each kind's signature is its contract class (:data:`KIND_CONTRACTS`: :class:`IndexCodec`, :class:`MaskCodec`,
+:class:`ArrayCodec`, :class:`ProbsCodec`, :class:`DeltaCodec`); :func:`register` refuses a codec that does not
+subclass its kind's contract. Every ``decode`` takes ``expect_n`` by keyword: the receiver's own size, checked
+against the header before anything is allocated. Entropy models and coders: :mod:`~deltamask.codecs.entropy`.
 
 Codecs are looked up by name (:func:`get_codec`) or by the id in a payload's header
 (:func:`codec_for_id`); an unknown name raises an error listing the valid ones, never a silent
@@ -32,7 +40,8 @@ KINDS = ("indices", "mask", "array", "probs", "delta")
 
 
 class Codec(ABC):
-    """Base of every codec. Subclasses set ``name``, ``codec_id`` (unique, 1..255) and ``kind``."""
+    """Base of every codec. Subclasses set ``name``, ``codec_id`` (unique, 1..255) and ``kind``, and subclass
+    their kind's contract (:data:`KIND_CONTRACTS`), which declares ``encode`` / ``decode``."""
 
     name: ClassVar[str]
     codec_id: ClassVar[int]
@@ -40,12 +49,6 @@ class Codec(ABC):
     #: True when decoding can report members that were never encoded (filters' false positives).
     lossy: ClassVar[bool] = False
     description: ClassVar[str] = ""
-
-    @abstractmethod
-    def encode(self, *args: Any, **kwargs: Any) -> bytes: ...
-
-    @abstractmethod
-    def decode(self, data: bytes, *args: Any, **kwargs: Any) -> Any: ...
 
     def inspect(self, data: bytes) -> dict[str, Any]:
         """Header fields and sizes of a payload, for ``deltamask codec inspect``."""
@@ -153,6 +156,35 @@ class ProbsCodec(Codec):
 Levels = tuple[str, int, np.ndarray]
 
 
+class DeltaCodec(Codec):
+    """Codec of theta against a version the receiver holds (``same``, conditional levels, or replayed uplinks)."""
+
+    kind: ClassVar[str] = "delta"
+
+    @abstractmethod
+    def encode_same(self, n: int, digest: bytes) -> bytes: ...
+
+    @abstractmethod
+    def encode_cond(self, levels_t: np.ndarray, levels_v: np.ndarray, kind: str, total_t: int, total_v: int, stat: str,
+                    eps: float, prior: tuple[float, float], base: bytes, target: bytes) -> bytes: ...
+
+    @abstractmethod
+    def encode_replay(self, n: int, rounds: list[tuple[int, list[bytes]]], base: bytes, target: bytes) -> bytes: ...
+
+    @abstractmethod
+    def encode(self, mode: str = "same", n: int = 0, base: bytes = b"", target: bytes = b"", kind: str = "counts",
+               **levels: Any) -> bytes:
+        """One of the three by ``mode`` (``levels``: ``encode_cond``'s level arguments)."""
+
+    @abstractmethod
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> Any: ...
+
+
+#: each kind's contract: the class that declares its ``encode`` / ``decode``
+KIND_CONTRACTS: dict[str, type[Codec]] = {"indices": IndexCodec, "mask": MaskCodec, "array": ArrayCodec,
+                                          "probs": ProbsCodec, "delta": DeltaCodec}
+
+
 _REGISTRY: dict[str, type[Codec]] = {}
 _BY_ID: dict[int, type[Codec]] = {}
 C = TypeVar("C", bound=type[Codec])
@@ -162,6 +194,9 @@ def register(cls: C) -> C:
     """Class decorator: add a codec to the registry (names and ids must be unique)."""
     if cls.kind not in KINDS:
         raise TypeError(f"codec {cls.__name__} has kind {cls.kind!r}; expected one of {KINDS}")
+    contract = KIND_CONTRACTS[cls.kind]
+    if not issubclass(cls, contract):
+        raise TypeError(f"codec {cls.__name__} of kind {cls.kind!r} must subclass {contract.__name__} (its encode / decode signature)")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise TypeError(f"codec name {cls.name!r} is already registered")
     if cls.codec_id in _BY_ID and _BY_ID[cls.codec_id] is not cls:

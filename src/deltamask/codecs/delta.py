@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from .base import Codec, register
+from .base import DeltaCodec, register
 from .container import MAX_N, CodecError, pack, split_containers, unpack
-from .dense import _STAT_IDS, ans_decode_symbols, ans_encode_symbols
+from .dense import _STAT_IDS
+from .entropy import ans_decode_symbols, ans_encode_symbols
 
 MODES = {"same": 0, "cond": 1, "replay": 2}
 LEVEL_KINDS = {"counts": 0, "q8": 1}
@@ -114,14 +115,14 @@ def marginal_entropy_bits(levels: np.ndarray, alphabet: int) -> float:
 
 
 @register
-class ThetaDeltaCodec(Codec):
+class ThetaDeltaCodec(DeltaCodec):
     name = "theta-delta"
     codec_id = 56
     kind = "delta"
     description = "theta against the receiver's cached version: same / conditional levels / replayed uplinks"
 
     # --- encoders ----------------------------------------------------------------------------------
-    def encode(self, mode: str = "same", n: int = 0, base: bytes = b"", target: bytes = b"", kind: str = "counts", **kw: Any) -> bytes:
+    def encode(self, mode: str = "same", n: int = 0, base: bytes = b"", target: bytes = b"", kind: str = "counts", **kw: Any) -> bytes:  # noqa: D102
         if mode == "same":
             return self.encode_same(n, target)
         if mode == "cond":

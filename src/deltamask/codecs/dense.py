@@ -24,17 +24,14 @@ import struct
 
 import numpy as np
 
+from typing import ClassVar
+
 from .base import ArrayCodec, Levels, MaskCodec, ProbsCodec, register
-from .container import MAX_N, CodecError, check_decode_size, pack, unpack
+from .container import MAX_N, CodecError, pack, unpack
+from .entropy import ANS_EMPIRICAL, CHUNK, EmpiricalCoder
 
 _STAT_IDS = {"mean": 0, "mode": 1}
 _COUNTS_PARAMS = struct.Struct("<IBfff")  # total K, stat, eps, prior_a, prior_b
-
-
-#: Symbols per block of the streaming ANS passes and table look-ups: bounded temporaries (a few MB)
-#: instead of int64/float64 copies of all N (86M weights: 0.7 GB each, and first-touch page faults
-#: dominated the old decode; benchmarks/RESULTS.md "server at scale").
-CHUNK = 1 << 20
 
 
 def counts_table(total: int, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
@@ -73,93 +70,6 @@ def theta_from_counts(
     if c.size and (c.min() < 0 or c.max() > total):
         raise ValueError(f"counts must lie in 0..{total}")
     return lookup(table, c).reshape(c.shape)
-
-
-# --- entropy coding of small-alphabet symbols under an empirical histogram (constriction ANS) -------
-
-def _categorical(hist: np.ndarray):
-    import constriction
-
-    probs = hist.astype(np.float64) / float(hist.sum())
-    return constriction.stream.model.Categorical(probs, perfect=False)
-
-
-def histogram(symbols: np.ndarray, alphabet: int) -> np.ndarray:
-    """Counts of each symbol ``0..alphabet-1`` (int64), in blocks; symbols outside raise CodecError."""
-    sym = np.asarray(symbols).ravel()
-    hist = np.zeros(alphabet, dtype=np.int64)
-    for lo in range(0, sym.size, CHUNK):
-        block = sym[lo : lo + CHUNK]
-        if block.min() < 0 or block.max() >= alphabet:
-            raise CodecError(f"symbols must lie in 0..{alphabet - 1}")
-        hist += np.bincount(block, minlength=alphabet)
-    return hist
-
-
-def ans_encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, bytes]:
-    """ANS-code ``symbols`` in ``0..alphabet-1`` under their histogram; returns (histogram, bytes).
-
-    Streams blocks from the last to the first onto one ANS stack: the same pushes, in the same order,
-    as one ``encode_reverse`` of the whole array (identical bytes; the golden payloads pin it)."""
-    import constriction
-
-    sym = np.asarray(symbols).ravel()
-    hist = histogram(sym, alphabet).astype(np.uint32)
-    if sym.size == 0 or np.count_nonzero(hist) <= 1:
-        return hist, b""  # a constant sequence is fully described by its histogram
-    coder = constriction.stream.stack.AnsCoder()
-    model = _categorical(hist)
-    for lo in range(((sym.size - 1) // CHUNK) * CHUNK, -1, -CHUNK):
-        coder.encode_reverse(sym[lo : lo + CHUNK].astype(np.int32), model)
-    return hist, coder.get_compressed().astype("<u4").tobytes()
-
-
-def ans_decode_symbols(hist: np.ndarray, payload: bytes, count: int, table: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of :func:`ans_encode_symbols`: the symbols (int64), or ``table[symbols]`` when a table
-    is given (decoded and looked up block by block: no array of all the symbols is ever held)."""
-    import constriction
-
-    if int(hist.sum()) != count:
-        raise CodecError(f"histogram sums to {int(hist.sum())}, header says {count} symbols")
-    check_decode_size(count, "ANS symbols")  # a constant sequence has an empty payload: bound the count
-    nz = np.flatnonzero(hist)
-    out = np.empty(count, dtype=np.int64 if table is None else table.dtype)
-    if count == 0:
-        return out
-    if nz.size == 1:
-        if payload:
-            raise CodecError("constant sequence must have an empty payload")
-        out[:] = nz[0] if table is None else table[nz[0]]
-        return out
-    if len(payload) % 4:
-        raise CodecError(f"ANS payload length {len(payload)} is not a multiple of 4")
-    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    seen = np.zeros(hist.size, dtype=np.int64)
-    try:
-        coder = constriction.stream.stack.AnsCoder(words)
-        model = _categorical(hist)
-        for lo in range(0, count, CHUNK):
-            block = np.asarray(coder.decode(model, min(CHUNK, count - lo)))
-            seen += np.bincount(block, minlength=hist.size)[: hist.size]
-            if table is None:
-                out[lo : lo + block.size] = block
-            else:
-                np.take(table, block, out=out[lo : lo + block.size])
-    except CodecError:
-        raise
-    except BaseException as e:  # constriction raises its own types on garbage
-        raise CodecError(f"ANS stream could not be decoded: {e}") from None
-    if not coder.is_empty():
-        raise CodecError("ANS stream has trailing data: the payload is corrupted")
-    if seen.tolist() != hist.tolist():
-        raise CodecError("decoded symbols do not match the histogram: the payload is corrupted")
-    return out
-
-
-def _read_hist(raw: bytes, alphabet: int) -> np.ndarray:
-    if len(raw) != 4 * alphabet:
-        raise CodecError(f"histogram block has {len(raw)} bytes, expected {4 * alphabet}")
-    return np.frombuffer(raw, dtype="<u4").astype(np.int64)
 
 
 # --- masks ------------------------------------------------------------------------------------------
@@ -254,6 +164,9 @@ class ProbsCountsCodec(ProbsCodec):
     name = "probs-counts"
     codec_id = 51
     description = "integer keep-counts 0..K, ANS-coded; exact when priors reset every round"
+    #: how the counts are coded under their own histogram (the entropy model); ``probs-counts-rans`` is the
+    #: same message with another coder
+    coder: ClassVar[EmpiricalCoder] = ANS_EMPIRICAL
 
     #: The statistic, eps and prior that turn counts into probabilities; the server sets them.
     def __init__(self, stat: str = "mean", eps: float = 0.01, prior: tuple[float, float] = (1.0, 1.0)) -> None:
@@ -275,34 +188,34 @@ class ProbsCountsCodec(ProbsCodec):
             raise CodecError(f"counts must lie in 0..{total}")
         return c
 
-    def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
+    def encode(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
         c = self.checked_counts(counts, total)
-        hist, body = ans_encode_symbols(c, total + 1)
-        params = _COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior) + hist.astype("<u4").tobytes()
-        return pack(self.codec_id, c.size, c.size, body, params)
+        hist, side, words = self.coder.encode(c, total + 1)
+        params = _COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior) + self.coder.params(hist, side)
+        return pack(self.codec_id, c.size, c.size, words, params)
 
     def decode_counts(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, int, str, float, tuple[float, float]]:
         """(counts as int64, total, statistic, eps, prior) from a payload."""
-        (hist, words, n), total, stat, eps, prior = self._parse(data, expect_n)
-        return ans_decode_symbols(hist, words, n), total, stat, eps, prior
+        hist, side, words, n, total, stat, eps, prior = self._parse(data, expect_n)
+        return self.coder.decode(hist, side, words, n), total, stat, eps, prior
 
-    def _parse(self, data: bytes, expect_n: int | None = None) -> tuple[tuple[np.ndarray, bytes, int], int, str, float, tuple[float, float]]:
+    def _parse(self, data: bytes, expect_n: int | None = None) -> tuple[np.ndarray, bytes, bytes, int, int, str, float, tuple[float, float]]:
         c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) < _COUNTS_PARAMS.size:
-            raise CodecError("probs-counts: parameter block too short")
+            raise CodecError(f"{self.name}: parameter block too short")
         total, stat_id, eps, a0, b0 = _COUNTS_PARAMS.unpack_from(c.params)
         stat = {v: k for k, v in _STAT_IDS.items()}.get(stat_id)
         if stat is None or not 0 < total <= 1000 or not 0.0 <= eps < 0.5:
-            raise CodecError(f"probs-counts: bad parameters (total={total}, stat={stat_id}, eps={eps})")
+            raise CodecError(f"{self.name}: bad parameters (total={total}, stat={stat_id}, eps={eps})")
         if c.n != c.count or c.n > MAX_N:
-            raise CodecError("probs-counts: n and count disagree")
-        hist = _read_hist(c.params[_COUNTS_PARAMS.size :], total + 1)
-        return (hist, c.payload, c.n), total, stat, eps, (a0, b0)
+            raise CodecError(f"{self.name}: n and count disagree")
+        hist, side = self.coder.parse_params(c.params[_COUNTS_PARAMS.size :], total + 1, self.name)
+        return hist, side, c.payload, c.n, total, stat, eps, (a0, b0)
 
     def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         """theta, decoded and looked up block by block (never an array of all the counts)."""
-        (hist, words, n), total, stat, eps, prior = self._parse(data, expect_n)
-        return ans_decode_symbols(hist, words, n, table=counts_table(total, stat, eps, prior))
+        hist, side, words, n, total, stat, eps, prior = self._parse(data, expect_n)
+        return self.coder.decode(hist, side, words, n, table=counts_table(total, stat, eps, prior))
 
     def levels(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> Levels | None:
         """The keep-counts, in the narrowest unsigned dtype (None without counts)."""
@@ -332,15 +245,15 @@ class ProbsQ8Codec(ProbsCodec):
 
     def encode(self, theta: np.ndarray, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
         q = _quantize8(theta)
-        hist, body = ans_encode_symbols(q, 256)
-        return pack(self.codec_id, q.size, q.size, body, hist.astype("<u4").tobytes())
+        hist, side, words = ANS_EMPIRICAL.encode(q, 256)
+        return pack(self.codec_id, q.size, q.size, words, ANS_EMPIRICAL.params(hist, side))
 
     def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         c = unpack(data, self.codec_id, expect_n=expect_n)
         if c.count != c.n:
             raise CodecError(f"probs-q8: n={c.n} and count={c.count} disagree")
-        hist = _read_hist(c.params, 256)
-        return ans_decode_symbols(hist, c.payload, c.n, table=_Q8_TABLE)
+        hist, side = ANS_EMPIRICAL.parse_params(c.params, 256, self.name)
+        return ANS_EMPIRICAL.decode(hist, side, c.payload, c.n, table=_Q8_TABLE)
 
     def reconstruct(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
         return lookup(_Q8_TABLE, _quantize8(theta))

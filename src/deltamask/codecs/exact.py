@@ -39,6 +39,7 @@ import numpy as np
 
 from .base import IndexCodec, MaskCodec, check_indices, log2_binomial, register
 from .container import CodecError, check_decode_size, pack, unpack
+from .entropy import AnsReader, Bernoulli, Categorical, ans_write
 
 _GOLOMB_PARAMS = struct.Struct("<BQ")
 
@@ -163,12 +164,6 @@ def _remainder_weights(ratio: float, size: int) -> np.ndarray:
     return np.maximum(w, ANS_MIN_WEIGHT)
 
 
-def _categorical(weights: np.ndarray):
-    import constriction
-
-    return constriction.stream.model.Categorical(weights / weights.sum(), perfect=False)
-
-
 @register
 class AnsIndexCodec(IndexCodec):
     name = "ans"
@@ -176,8 +171,6 @@ class AnsIndexCodec(IndexCodec):
     description = "gaps ANS-coded under a geometric model (exact, ~log2 C(n,k))"
 
     def encode(self, indices: np.ndarray, n: int, seed: int = 0) -> bytes:
-        import constriction
-
         idx = check_indices(indices, n)
         k = idx.size
         if k == 0:
@@ -193,18 +186,16 @@ class AnsIndexCodec(IndexCodec):
         hist = np.bincount(q, minlength=1).astype(np.uint32)
         ratio = min(1.0, max(float((1.0 - k / n) ** (1 << lo)), 1e-6))  # k = n gives 0: keep it codable
         raw = pack_fixed(r & ((1 << lo) - 1), lo)
-        coder = constriction.stream.stack.AnsCoder()
-        if b - lo > 0:
-            coder.encode_reverse((r >> lo).astype(np.int32), _categorical(_remainder_weights(ratio, 1 << (b - lo))))
+        streams = []  # in the order the decoder reads them: quotients, then the remainders' high bits
         if hist.size > 1:
-            coder.encode_reverse(q.astype(np.int32), _categorical(hist.astype(np.float64)))
-        words = coder.get_compressed().astype("<u4").tobytes()
+            streams.append((q, Categorical.of_histogram(hist)))
+        if b - lo > 0:
+            streams.append((r >> lo, Categorical(_remainder_weights(ratio, 1 << (b - lo)))))
+        words = ans_write(streams)
         params = _ANS_PARAMS.pack(b, lo, hist.size, ratio) + hist.astype("<u4").tobytes()
         return pack(self.codec_id, n, k, raw + words, params)
 
     def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
-        import constriction
-
         c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) < _ANS_PARAMS.size:
             raise CodecError(f"ans: parameter block has {len(c.params)} bytes, expected >= {_ANS_PARAMS.size}")
@@ -231,22 +222,11 @@ class AnsIndexCodec(IndexCodec):
         if rest < 0 or rest % 4:
             raise CodecError(f"ans: payload of {len(c.payload)} bytes does not hold a {rlen}-byte raw stream "
                              "plus whole 32-bit ANS words")
-        words = np.frombuffer(c.payload, "<u4", rest // 4, rlen).astype(np.uint32)
-        try:
-            coder = constriction.stream.stack.AnsCoder(words)
-            if qsize > 1:
-                q = np.asarray(coder.decode(_categorical(hist.astype(np.float64)), k), dtype=np.int64)
-            else:
-                q = np.zeros(k, dtype=np.int64)
-            if b - lo > 0:
-                rhi = np.asarray(coder.decode(_categorical(_remainder_weights(ratio, 1 << (b - lo))), k),
-                                 dtype=np.int64)
-            else:
-                rhi = np.zeros(k, dtype=np.int64)
-        except BaseException as e:  # constriction raises its own types on garbage
-            raise CodecError(f"ans: stream could not be decoded: {e}") from None
-        if not coder.is_empty():
-            raise CodecError("ans: ANS stream has trailing data: the payload is corrupted")
+        reader = AnsReader(np.frombuffer(c.payload, "<u4", rest // 4, rlen).astype(np.uint32), "ans")
+        q = reader.read(Categorical.of_histogram(hist), k) if qsize > 1 else np.zeros(k, dtype=np.int64)
+        rhi = (reader.read(Categorical(_remainder_weights(ratio, 1 << (b - lo))), k) if b - lo > 0
+               else np.zeros(k, dtype=np.int64))
+        reader.finish()
         gaps = (q << b) | (rhi << lo) | unpack_fixed(c.payload, k, lo)
         idx = np.cumsum(gaps + 1) - 1
         if idx[-1] >= n:
@@ -291,20 +271,12 @@ class BernoulliAnsCodec(MaskCodec):
         return np.clip(p, eps, 1.0 - eps)
 
     def encode(self, mask: np.ndarray, probs: np.ndarray | None = None) -> bytes:
-        import constriction
-
         m = np.asarray(mask).astype(bool, copy=False).ravel()
         p = self._model_probs(probs, m.size, self.eps)
-        words = b""
-        if m.size:
-            coder = constriction.stream.stack.AnsCoder()
-            coder.encode_reverse(m.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False), p)
-            words = coder.get_compressed().astype("<u4").tobytes()
+        words = ans_write([(m, Bernoulli(p))]) if m.size else b""
         return pack(self.codec_id, m.size, int(m.sum()), words, _BERN_PARAMS.pack(self.eps))
 
     def decode(self, data: bytes, probs: np.ndarray | None = None, *, expect_n: int | None = None) -> np.ndarray:
-        import constriction
-
         c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) != _BERN_PARAMS.size:
             raise CodecError(f"bernoulli-ans: parameter block has {len(c.params)} bytes, expected {_BERN_PARAMS.size}")
@@ -316,14 +288,9 @@ class BernoulliAnsCodec(MaskCodec):
         p = self._model_probs(probs, c.n, eps)  # bounded by the caller's array, not by the header
         if c.n == 0:
             return np.zeros(0, dtype=bool)
-        words = np.frombuffer(c.payload, "<u4").astype(np.uint32)
-        try:
-            coder = constriction.stream.stack.AnsCoder(words)
-            m = np.asarray(coder.decode(constriction.stream.model.Bernoulli(perfect=False), p)).astype(bool)
-        except BaseException as e:
-            raise CodecError(f"bernoulli-ans: stream could not be decoded: {e}") from None
-        if not coder.is_empty():
-            raise CodecError("bernoulli-ans: ANS stream has trailing data (wrong probs, or a corrupted payload)")
+        reader = AnsReader(c.payload, "bernoulli-ans")
+        m = reader.read(Bernoulli(p), c.n).astype(bool)
+        reader.finish("wrong probs, or a corrupted payload")
         if int(m.sum()) != c.count:
             raise CodecError(f"bernoulli-ans: decoded {int(m.sum())} ones, header says {c.count} (wrong probs?)")
         return m

@@ -53,7 +53,7 @@ import numpy as np
 
 from .base import ArrayCodec, get_codec, register
 from .container import MAX_N, OVERHEAD_BYTES, CodecError, pack, unpack
-from .dense import ans_decode_symbols, ans_encode_symbols
+from .entropy import ans_decode_symbols, ans_encode_symbols
 
 #: smallest rotation block: bounds the zero padding of the last block (bits wasted < MIN_BLOCK).
 MIN_BLOCK = 256
@@ -115,14 +115,14 @@ class QSGDCodec(ArrayCodec):
         q = (np.sign(v) * xi).astype(np.int64).ravel()[:n]
         return norms, q
 
-    def encode(self, array: np.ndarray, seed: int = 0) -> bytes:  # type: ignore[override]
+    def encode(self, array: np.ndarray, seed: int = 0) -> bytes:
         a = np.asarray(array).ravel()
         norms, q = self.quantize(a, np.random.default_rng(seed))
         hist, words = ans_encode_symbols(q + self.levels, 2 * self.levels + 1)
         payload = norms.astype("<f4").tobytes() + hist.astype("<u4").tobytes() + words
         return pack(self.codec_id, a.size, a.size, payload, _QSGD_PARAMS.pack(self.levels, self.bucket))
 
-    def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         c = unpack(data, self.codec_id, expect_n=expect_n)
         if len(c.params) != _QSGD_PARAMS.size:
             raise CodecError(f"qsgd: parameter block has {len(c.params)} bytes, expected {_QSGD_PARAMS.size}")
@@ -159,7 +159,7 @@ class SignCodec(ArrayCodec):
     codec_id = 61
     description = "one sign bit per value and one f32 scale (signSGD / EF-signSGD), 1 bpp"
 
-    def encode(self, array: np.ndarray, scale: float | None = None) -> bytes:  # type: ignore[override]
+    def encode(self, array: np.ndarray, scale: float | None = None) -> bytes:
         """Signs of ``array``; ``scale`` defaults to ``||x||_1 / n`` (EF-signSGD's scaled sign)."""
         a = _flat(array, self.name)
         if scale is None:
@@ -169,7 +169,7 @@ class SignCodec(ArrayCodec):
         bits = np.packbits(a >= 0, bitorder="little").tobytes()
         return pack(self.codec_id, a.size, a.size, bits, _SIGN_PARAMS.pack(scale))
 
-    def decode_signs(self, data: bytes, expect_n: int | None = None) -> tuple[np.ndarray, float]:
+    def decode_signs(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, float]:
         """(signs as int8 +-1, scale)."""
         c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
@@ -183,8 +183,8 @@ class SignCodec(ArrayCodec):
         bits = np.unpackbits(np.frombuffer(c.payload, np.uint8), bitorder="little", count=c.n)
         return (2 * bits.astype(np.int8) - 1), float(scale)
 
-    def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
-        signs, scale = self.decode_signs(data, expect_n)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        signs, scale = self.decode_signs(data, expect_n=expect_n)
         return (np.float32(scale) * signs).astype(np.float32)
 
 
@@ -219,7 +219,7 @@ class TopKCodec(ArrayCodec):
     def k_for(self, n: int) -> int:
         return min(n, max(1, math.ceil(self.ratio * n))) if n else 0
 
-    def encode(self, array: np.ndarray, k: int | None = None) -> bytes:  # type: ignore[override]
+    def encode(self, array: np.ndarray, k: int | None = None) -> bytes:
         a = _flat(array, self.name)
         idx = topk_indices(a, self.k_for(a.size) if k is None else k)
         vals = a[idx]
@@ -228,7 +228,7 @@ class TopKCodec(ArrayCodec):
         g = get_codec("golomb", kind="indices").encode(idx, a.size)
         return pack(self.codec_id, a.size, idx.size, g + vals.astype("<f2").tobytes(), _TOPK_PARAMS.pack(len(g)))
 
-    def decode_sparse(self, data: bytes, expect_n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    def decode_sparse(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(indices, float32 values, n)."""
         c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
@@ -246,8 +246,8 @@ class TopKCodec(ArrayCodec):
         vals = np.frombuffer(c.payload, "<f2", c.count, glen).astype(np.float32)
         return idx, vals, c.n
 
-    def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
-        idx, vals, n = self.decode_sparse(data, expect_n)
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
+        idx, vals, n = self.decode_sparse(data, expect_n=expect_n)
         out = np.zeros(n, np.float32)
         out[idx] = vals
         return out
@@ -374,7 +374,7 @@ class DriveCodec(ArrayCodec):
         block_sizes(MIN_BLOCK, block)  # validates block
         self.unbiased, self.block = unbiased, block
 
-    def encode(self, array: np.ndarray, seed: int = 0) -> bytes:  # type: ignore[override]
+    def encode(self, array: np.ndarray, seed: int = 0) -> bytes:
         x = _flat(array, self.name).astype(np.float64)
         rot = Rotation(x.size, self.block, seed)
         z = rot.rotate(x)
@@ -389,7 +389,7 @@ class DriveCodec(ArrayCodec):
         flags = _DRIVE_UNBIASED if self.unbiased else 0
         return pack(self.codec_id, x.size, x.size, payload, _ROT_PARAMS.pack(seed & ((1 << 64) - 1), self.block), flags)
 
-    def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
         if len(c.params) != _ROT_PARAMS.size or c.count != c.n:
@@ -439,7 +439,7 @@ class EdenCodec(ArrayCodec):
         rng = np.random.default_rng([seed, 0x5EB])
         return np.sort(rng.choice(total, size=m, replace=False))
 
-    def encode(self, array: np.ndarray, seed: int = 0) -> bytes:  # type: ignore[override]
+    def encode(self, array: np.ndarray, seed: int = 0) -> bytes:
         x = _flat(array, self.name).astype(np.float64)
         rot = Rotation(x.size, self.block, seed)
         z = rot.rotate(x)
@@ -464,7 +464,7 @@ class EdenCodec(ArrayCodec):
         params = _EDEN_PARAMS.pack(seed & ((1 << 64) - 1), self.block, self.qbits, self.p)
         return pack(self.codec_id, x.size, x.size, payload, params)
 
-    def decode(self, data: bytes, expect_n: int | None = None) -> np.ndarray:  # type: ignore[override]
+    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         c = unpack(data, self.codec_id, expect_n=expect_n)
         _check_n(self.name, c.n, expect_n)
         if len(c.params) != _EDEN_PARAMS.size or c.count != c.n:

@@ -31,8 +31,9 @@ import numpy as np
 
 from ._jit import njit
 from .base import register
-from .container import MAX_N, CodecError, check_decode_size, pack, unpack
-from .dense import _COUNTS_PARAMS, _STAT_IDS, ProbsCountsCodec, _read_hist, counts_table, histogram
+from .container import CodecError, check_decode_size
+from .dense import ProbsCountsCodec
+from .entropy import EmpiricalCoder, histogram
 
 PRECISION = 16
 LANES = 4
@@ -201,47 +202,34 @@ def rans_decode(hist: np.ndarray, states: tuple[int, ...], payload: bytes, count
     return out
 
 
+class Rans4(EmpiricalCoder):
+    """Our 4-lane interleaved rANS under the empirical histogram (16-bit model): params ``lanes, precision |
+    histogram | final lane states``."""
+
+    name = "rans4"
+    head = _EXTRA.pack(LANES, PRECISION)
+    side_size = 8 * LANES
+
+    def encode(self, symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, bytes, bytes]:
+        hist, states, words = rans_encode(symbols, alphabet)
+        return hist, struct.pack(f"<{LANES}Q", *states), words
+
+    def decode(self, hist: np.ndarray, side: bytes, words: bytes, count: int, table: np.ndarray | None = None) -> np.ndarray:
+        states = struct.unpack(f"<{LANES}Q", side)
+        return rans_decode(hist, states, words, count, np.arange(hist.size, dtype=np.int64) if table is None else table)
+
+
+RANS4 = Rans4()
+
+
 @register
 class ProbsCountsRansCodec(ProbsCountsCodec):
+    """``probs-counts``' message (the same counts, statistic, eps and prior) through another coder."""
+
     name = "probs-counts-rans"
     codec_id = 53
     description = "integer keep-counts 0..K, 4-way interleaved rANS (numba; the fast exact downlink)"
-
-    def encode(self, theta: np.ndarray | None, counts: np.ndarray | None = None, total: int | None = None) -> bytes:
-        c = self.checked_counts(counts, total)
-        hist, states, body = rans_encode(c, total + 1)
-        params = (_COUNTS_PARAMS.pack(total, _STAT_IDS[self.stat], self.eps, *self.prior)
-                  + _EXTRA.pack(LANES, PRECISION) + hist.astype("<u4").tobytes() + struct.pack(f"<{LANES}Q", *states))
-        return pack(self.codec_id, c.size, c.size, body, params)
-
-    def _parse_rans(self, data: bytes, expect_n: int | None = None):  # type: ignore[no-untyped-def]
-        c = unpack(data, self.codec_id, expect_n=expect_n)
-        head = _COUNTS_PARAMS.size + _EXTRA.size
-        if len(c.params) < head:
-            raise CodecError("probs-counts-rans: parameter block too short")
-        total, stat_id, eps, a0, b0 = _COUNTS_PARAMS.unpack_from(c.params)
-        lanes, prec = _EXTRA.unpack_from(c.params, _COUNTS_PARAMS.size)
-        stat = {v: k for k, v in _STAT_IDS.items()}.get(stat_id)
-        if stat is None or not 0 < total <= 1000 or not 0.0 <= eps < 0.5 or lanes != LANES or prec != PRECISION:
-            raise CodecError(f"probs-counts-rans: bad parameters (total={total}, stat={stat_id}, eps={eps}, "
-                             f"lanes={lanes}, precision={prec})")
-        if c.n != c.count or c.n > MAX_N:
-            raise CodecError("probs-counts-rans: n and count disagree")
-        if len(c.params) != head + 4 * (total + 1) + 8 * LANES:
-            raise CodecError(f"probs-counts-rans: parameter block has {len(c.params)} bytes, expected "
-                             f"{head + 4 * (total + 1) + 8 * LANES}")
-        hist = _read_hist(c.params[head : head + 4 * (total + 1)], total + 1)
-        states = struct.unpack_from(f"<{LANES}Q", c.params, head + 4 * (total + 1))
-        return hist, states, c.payload, c.n, total, stat, eps, (a0, b0)
-
-    def decode_counts(self, data: bytes, *, expect_n: int | None = None) -> tuple[np.ndarray, int, str, float, tuple[float, float]]:
-        hist, states, body, n, total, stat, eps, prior = self._parse_rans(data, expect_n)
-        counts = rans_decode(hist, states, body, n, np.arange(total + 1, dtype=np.int64))
-        return counts, total, stat, eps, prior
-
-    def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
-        hist, states, body, n, total, stat, eps, prior = self._parse_rans(data, expect_n)
-        return rans_decode(hist, states, body, n, counts_table(total, stat, eps, prior))
+    coder = RANS4
 
 
 def warmup() -> None:
