@@ -329,3 +329,24 @@ def test_send_changes_no_server_state_and_returns_what_the_client_then_holds(tmp
         record_sent(state, cid, sent)
         assert state.client_theta_version == again.client_theta_version
         assert state.client_head_version == again.client_head_version
+
+
+def test_a_state_without_its_theta_history_is_brought_up_to_date_on_resume_not_in_send(tmp_path) -> None:
+    """A state written before the typed theta history (no versions): ``send`` refuses it rather than change it,
+    ``Method.resumed`` (what the driver calls on resume) registers the current version, and the run resumes."""
+    from deltamask.run.state import load_state, save_state
+
+    cfg = tiny_config(rounds=4, num_clients=4, clients_per_round=2, downlink="auto")
+    run_local(cfg, tmp_path, stop_after=3)
+    state, clients, _, _ = load_state(tmp_path)
+    state.theta_versions.clear()
+    m = build_experiment(cfg).method
+    with pytest.raises(RuntimeError, match="not registered"):
+        m.send(state, 0, 4)
+    m.resumed(state)
+    assert list(state.theta_versions) == [state.theta_version]
+    assert state.theta_versions[state.theta_version].digest == theta_digest(state.theta)
+    state.theta_versions.clear()
+    save_state(tmp_path, state, clients, cfg.to_dict())  # as an older build wrote it
+    summary = run_local(cfg, tmp_path, resume=True)
+    assert summary["status"] == "completed"

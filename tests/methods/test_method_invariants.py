@@ -64,7 +64,8 @@ def _install_theta(method, theta: np.ndarray, zero_head: bool = False):  # type:
     rng = np.random.default_rng(1)  # a non-zero head, so that the scores get gradients and move
     state.head_weight = rng.standard_normal(state.head_weight.shape).astype(np.float32) * (not zero_head)
     state.head_bias = rng.standard_normal(state.head_bias.shape).astype(np.float32) * (not zero_head)
-    state.theta_version += 1  # the downlink re-encodes it
+    state.theta_version += 1  # a new version of theta: registered, as aggregate registers the versions it makes
+    method.sync.register(state, None, state.round)
     return state
 
 

@@ -182,6 +182,10 @@ class Method(ABC):
         replies it accepted (a reply dropped as malformed does not count)."""
         return {}
 
+    def resumed(self, state: ServerState) -> None:
+        """Called once on a state loaded to resume a run, before any send: bring what the method keeps in the
+        state up to date (the default: nothing)."""
+
     def delivered(self, state: ServerState, client_id: int, ok: bool) -> None:
         """Called after a client's round: on failure the server forgets what it believed the client held."""
         if not ok:

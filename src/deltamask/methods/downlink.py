@@ -127,7 +127,9 @@ class ThetaSync:
         return None if tv is None else tv.digest
 
     def ensure_current(self, state: ServerState) -> None:
-        """Version 0 (and a state written before this module existed) gets registered on first use."""
+        """Register the current version if the state has none (a state written before this module existed, on
+        resume: :meth:`~deltamask.methods.base.Method.resumed`); a fresh state registers version 0 in
+        ``init_state``."""
         if self.digest(state, state.theta_version) is None:
             self.register(state, None, state.round)
 
@@ -135,8 +137,9 @@ class ThetaSync:
     def theta_part(self, state: ServerState, client_id: int, round_: int) -> bytes:
         if round_ != self._stats_round:
             self.stats, self._stats_round = {}, round_
-        self.ensure_current(state)
         t = state.theta_version
+        if self.digest(state, t) is None:  # sending changes no state: the version was registered when it was made
+            raise RuntimeError(f"theta version {t} is not registered (init_state, aggregate and resumed register it)")
         v = state.client_theta_version.get(client_id)
         snap = self.snapshot(state)
         target = self.digest(state, t)

@@ -248,6 +248,9 @@ class MaskMethod(_HeadRounds):
         self.sync.register(state, None, 0)
         return state
 
+    def resumed(self, state: ServerState) -> None:
+        self.sync.ensure_current(state)  # a state from before the typed theta history: its current version
+
     def server_device(self) -> Any:
         """Where the server aggregates: the run's CUDA device when it has one, else numpy on the CPU."""
         dev = self.net.scores.device

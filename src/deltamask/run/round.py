@@ -309,6 +309,7 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
     forget what it believed the other clients held (they get it re-sent: same result)."""
     state, client_states, saved, engine = load_state(out)
     check_resumable(exp.cfg, saved, out)
+    exp.method.resumed(state)
     transport.bind(dict(state.identities))
     held = transport.restore(client_states)
     believed = set(state.client_theta_version) | set(state.client_head_version)
