@@ -40,3 +40,84 @@ def test_add_a_model_family(tmp_path) -> None:
     summary = ex.main(str(tmp_path / "run"))
     assert summary["status"] == "completed"
     assert summary["num_masked_params"] == 2 * 16 * 16 * 3 * 3  # the last 2 blocks' conv kernels, nothing else
+
+
+#: a tiny model for the examples' runs in the test suite (the examples themselves run the real default backbone)
+TINY_MODEL = {"model": "timm:test_efficientnet", "weights": "random"}
+
+
+def test_add_a_codec(tmp_path) -> None:
+    ex = _example("add_codec")
+    from deltamask.codecs import CodecError, get_codec, log2_binomial
+    from deltamask.run.metrics import read_jsonl
+
+    codec = get_codec("elias-gamma", kind="indices")
+    rng = np.random.default_rng(5)
+    for n, k in [(1, 0), (1, 1), (10, 10), (1000, 1), (100_000, 700)]:
+        idx = np.sort(rng.choice(n, k, replace=False))
+        data = codec.encode(idx, n)
+        np.testing.assert_array_equal(codec.decode(data, expect_n=n), idx)
+        gaps = np.diff(idx, prepend=-1)
+        assert len(data) - 40 <= (int(np.sum(2 * np.floor(np.log2(gaps)) + 1)) + 7) // 8 + 8  # Elias-gamma's length
+    data = codec.encode(np.sort(rng.choice(100_000, 700, replace=False)), 100_000)
+    assert len(data) * 8 > log2_binomial(100_000, 700)  # above the bound, as any exact code
+    # hostile bytes: every corruption is a CodecError (the container's CRC, then the codec's own checks)
+    for i in range(300):
+        bad = bytearray(data)
+        bad[rng.integers(len(bad))] ^= 1 << int(rng.integers(8))
+        try:
+            codec.decode(bytes(bad), expect_n=100_000)
+        except CodecError:
+            pass
+    summary = ex.main(str(tmp_path / "run"), **TINY_MODEL)
+    assert summary["status"] == "completed"
+    mask_rounds = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("clients")]
+    assert mask_rounds and {c["codec"] for r in mask_rounds for c in r["clients"] if "codec" in c} == {"elias-gamma"}
+
+
+def test_add_a_method(tmp_path) -> None:
+    ex = _example("add_method")
+    from deltamask.config import METHOD_NAMES
+    from deltamask.methods import ClientContext
+
+    assert "deltamask-random" in METHOD_NAMES
+    out = ex.main(str(tmp_path), **TINY_MODEL)
+    assert {m: s["status"] for m, s in out.items()} == {"deltamask": "completed", "deltamask-random": "completed"}
+    # what it sends: a random ceil(kappa * |delta|) of the delta, not the top-kappa
+    from dmtest import tiny_config
+    from deltamask.run.experiment import build_experiment
+
+    m = build_experiment(tiny_config(method="deltamask-random", kappa=0.3)).method
+    rng = np.random.default_rng(0)
+    theta_g = rng.random(m.n).astype(np.float32)
+    theta_k = np.clip(theta_g + rng.normal(0, 0.2, m.n), 0, 1).astype(np.float32)
+    m_k = rng.random(m.n) < theta_k
+    ctx = ClientContext(3, 1, 0, {})
+    payload, metrics = m.encode_mask(m_k, theta_k, theta_g, ctx)
+    delta = np.flatnonzero(m_k != (theta_g >= 0.5))
+    sent = m.index_codec.decode(payload, expect_n=m.n)
+    assert set(sent) <= set(delta) and sent.size == int(np.ceil(0.3 * delta.size)) == metrics["num_keys"]
+    top, _ = type(m).__mro__[1].encode_mask(m, m_k, theta_k, theta_g, ctx)  # DeltaMask's own top-kappa
+    assert not np.array_equal(m.index_codec.decode(top, expect_n=m.n), sent)
+    np.testing.assert_array_equal(m.index_codec.decode(m.encode_mask(m_k, theta_k, theta_g, ctx)[0], expect_n=m.n), sent)
+
+
+def test_add_a_transport(tmp_path) -> None:
+    ex = _example("add_transport")
+    from dmtest import tiny_config
+    from deltamask.engines.local import run_local
+    from deltamask.run.metrics import read_jsonl
+
+    cfg = tiny_config(num_clients=4, clients_per_round=3, rounds=4)
+    # a perfect network moves the same bytes as the local engine: the same run, record for record
+    run_local(cfg, tmp_path / "local")
+    ex.run_lossy(cfg, tmp_path / "lossy0", 0.0)
+    keep = ("accuracy", "uplink_bytes", "downlink_bytes", "selected", "num_aggregated")
+    a, b = read_jsonl(tmp_path / "local" / "metrics.jsonl"), read_jsonl(tmp_path / "lossy0" / "metrics.jsonl")
+    assert [{k: r.get(k) for k in keep} for r in a] == [{k: r.get(k) for k in keep} for r in b]
+    # a lossy one records every lost reply as the client's timeout, and the run goes on
+    summary = ex.run_lossy(cfg, tmp_path / "lossy", 0.4)
+    assert summary["status"] == "completed"
+    recs = read_jsonl(tmp_path / "lossy" / "metrics.jsonl")
+    lost = [(r["round"], c) for r in recs for c in r["lost_replies"]]
+    assert lost and lost == [(r["round"], f["client"]) for r in recs for f in r["failures"] if f["kind"] == "timeout"]

@@ -61,12 +61,12 @@ TINYCNN = register_model_family(ModelFamily(
 ))
 
 
-def main(out_dir: str | None = None) -> dict:
+def main(out_dir: str | None = None, **overrides: object) -> dict:
     loaded = load_model("tinycnn:16", image_size=32)
     print(f"tinycnn:16 staged into {len(loaded.backbone.block_indices)} blocks")
     cfg = build_config({"model": "tinycnn:16", "dataset": "digits", "image_size": 32, "rounds": 3,
                         "head_warmup_rounds": 1, "num_clients": 3, "clients_per_round": 2, "train_samples": 240,
-                        "test_samples": 90, "masked_blocks": 2, "progress": False})
+                        "test_samples": 90, "masked_blocks": 2, "progress": False, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_local(cfg, out_dir or tmp)
     # random "pretrained" weights: the accuracy stays near chance; a real zoo's weights are what it fine-tunes
