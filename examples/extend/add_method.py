@@ -21,7 +21,6 @@ import numpy as np
 
 from deltamask.fl import seeding
 from deltamask.methods import register_method
-from deltamask.methods.base import kappa_at
 from deltamask.methods.masks import DeltaMask
 
 
@@ -32,7 +31,7 @@ class RandomDeltaMask(DeltaMask):
 
     def encode_mask(self, m_k, theta_k, theta_g, ctx):  # type: ignore[no-untyped-def]
         delta = np.flatnonzero(m_k != (theta_g >= 0.5))  # the bits the client's sample changed
-        kappa = kappa_at(self.cfg, ctx.round - self.cfg.head_warmup_rounds, self.mask_rounds())
+        kappa = self.kappa_of(ctx.round)  # DeltaMask's schedule
         keep = int(math.ceil(kappa * delta.size))
         rng = np.random.default_rng(seeding.derive_seed(ctx.seed, ctx.round, ctx.client_id, "random-delta"))
         kept = np.sort(rng.choice(delta, size=keep, replace=False)) if keep else delta[:0]

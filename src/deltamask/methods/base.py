@@ -15,7 +15,6 @@ a client that lost its cache fails loudly and the server forgets what it believe
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -236,11 +235,3 @@ class Method(ABC):
         if "head_weight" not in ctx.state:
             raise ClientFailure("no head received and none cached (client state lost?)")
         return ctx.state["head_weight"], ctx.state["head_bias"]
-
-
-def kappa_at(cfg: Config, mask_round: int, mask_rounds: int) -> float:
-    """kappa for the ``mask_round``-th mask-training round (1-based) of ``mask_rounds``."""
-    if cfg.kappa_schedule == "constant" or mask_rounds <= 1:
-        return cfg.kappa
-    t = (mask_round - 1) / (mask_rounds - 1)
-    return cfg.kappa_min + 0.5 * (cfg.kappa - cfg.kappa_min) * (1 + math.cos(math.pi * t))

@@ -37,7 +37,7 @@ from ..codecs.container import unpack
 from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
-from ..config import ConfigError, client_loss_of
+from ..config import Config, ConfigError, client_loss_of
 from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers
 from ..fl.aggregation import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .downlink import ThetaSync, kl_floor_bits
@@ -51,7 +51,6 @@ from .base import (
     Reply,
     Sent,
     join_bundle,
-    kappa_at,
     parts_by_kind,
 )
 
@@ -568,6 +567,15 @@ def rank_scores(theta_k: np.ndarray, theta_g: np.ndarray, how: str, eps: float) 
     return np.abs(np.log(k / (1 - k)) - np.log(g / (1 - g)))
 
 
+def kappa_at(cfg: Config, mask_round: int, mask_rounds: int) -> float:
+    """DeltaMask's kappa for the ``mask_round``-th mask-training round (1-based) of ``mask_rounds``: constant, or
+    cosine from ``kappa`` to ``kappa_min``."""
+    if cfg.kappa_schedule == "constant" or mask_rounds <= 1:
+        return cfg.kappa
+    t = (mask_round - 1) / (mask_rounds - 1)
+    return cfg.kappa_min + 0.5 * (cfg.kappa - cfg.kappa_min) * (1 + math.cos(math.pi * t))
+
+
 class DeltaMask(MaskMethod):
     name = "deltamask"
     description = "DeltaMask (Tsouvalas et al., BigData 2024): top-kappa mask deltas as a sparse index set"
@@ -579,13 +587,17 @@ class DeltaMask(MaskMethod):
     def mask_rounds(self) -> int:
         return max(self.cfg.rounds - self.cfg.head_warmup_rounds, 1)
 
+    def kappa_of(self, round_: int) -> float:
+        """kappa in round ``round_`` of the run (the schedule counts the mask rounds after the head warm-up)."""
+        return kappa_at(self.cfg, round_ - self.cfg.head_warmup_rounds, self.mask_rounds())
+
     def flip_cap(self, round_: int, lossy: bool = False) -> int | None:
         """``floor(max_flip_fraction * N)``, or by default (0) the protocol's own bound: an honest client sends
         ``ceil(kappa * |delta|)`` of its ``|delta| <= N`` changed bits, so never more than ``ceil(kappa * N)``;
         for a filter (``lossy``) plus its false positives."""
         if self.cfg.max_flip_fraction > 0:
             return int(math.floor(self.cfg.max_flip_fraction * self.n))
-        kappa = kappa_at(self.cfg, round_ - self.cfg.head_warmup_rounds, self.mask_rounds())
+        kappa = self.kappa_of(round_)
         cap = int(math.ceil(kappa * self.n))
         # a filter's members are its keys plus false positives (rate 2^-fp_bits of the other N - k): allow
         # their expectation plus 8 standard deviations
@@ -601,12 +613,12 @@ class DeltaMask(MaskMethod):
     def round_kappa(self, agg: Aggregation) -> float | None:
         if agg.phase != "mask" or not agg.clients:
             return None
-        return kappa_at(self.cfg, getattr(self, "_agg_round", 0) - self.cfg.head_warmup_rounds, self.mask_rounds())
+        return self.kappa_of(getattr(self, "_agg_round", 0))
 
     def encode_mask(self, m_k, theta_k, theta_g, ctx):  # type: ignore[no-untyped-def]
         ref = theta_g >= 0.5
         delta = np.flatnonzero(m_k != ref)
-        kappa = kappa_at(self.cfg, ctx.round - self.cfg.head_warmup_rounds, self.mask_rounds())
+        kappa = self.kappa_of(ctx.round)
         keep = int(math.ceil(kappa * delta.size))
         change = rank_scores(theta_k[delta], theta_g[delta], self.cfg.kappa_rank, self.cfg.eps)
         order = np.argsort(-change, kind="stable")[:keep]
