@@ -61,14 +61,36 @@ def test_add_a_codec(tmp_path) -> None:
         assert len(data) - 40 <= (int(np.sum(2 * np.floor(np.log2(gaps)) + 1)) + 7) // 8 + 8  # Elias-gamma's length
     data = codec.encode(np.sort(rng.choice(100_000, 700, replace=False)), 100_000)
     assert len(data) * 8 > log2_binomial(100_000, 700)  # above the bound, as any exact code
-    # hostile bytes: every corruption is a CodecError (the container's CRC, then the codec's own checks)
-    for i in range(300):
-        bad = bytearray(data)
-        bad[rng.integers(len(bad))] ^= 1 << int(rng.integers(8))
+    # hostile bytes behind a valid CRC (the container's check passes): the codec's own checks refuse them, with
+    # a CodecError and never another exception; a payload that does decode gives indices inside [0, n)
+    import struct
+    import zlib
+
+    from deltamask.codecs.container import HEADER, MAGIC, unpack
+
+    c = unpack(data)
+
+    def forged(n: int, count: int, payload: bytes) -> bytes:
+        body = HEADER.pack(MAGIC, 1, codec.codec_id, 0, n, count, 0, len(payload)) + payload
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    refused = 0
+    for _ in range(300):
+        payload = bytearray(c.payload)
+        for _ in range(int(rng.integers(1, 4))):
+            payload[rng.integers(len(payload))] ^= 1 << int(rng.integers(8))
+        cut = bytes(payload[: rng.integers(len(payload) + 1)]) if rng.random() < 0.3 else bytes(payload)
+        count = int(c.count + rng.integers(-3, 4)) if rng.random() < 0.3 else c.count
         try:
-            codec.decode(bytes(bad), expect_n=100_000)
+            got = codec.decode(forged(c.n, max(count, 0), cut), expect_n=c.n)
         except CodecError:
-            pass
+            refused += 1
+            continue
+        assert got.size == max(count, 0) and (got.size == 0 or (got.min() >= 0 and got.max() < c.n))
+        assert got.size < 2 or bool(np.all(np.diff(got) > 0))
+    assert refused > 100  # most corruptions are caught by the codec itself
+    with pytest.raises(CodecError):
+        codec.decode(forged(10, 11, b"\xff"), expect_n=10)  # more keys than the universe
     summary = ex.main(str(tmp_path / "run"), **TINY_MODEL)
     assert summary["status"] == "completed"
     mask_rounds = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("clients")]

@@ -69,9 +69,15 @@ def test_every_field_says_what_it_changes_and_the_key_sets_follow() -> None:
     from deltamask.config import (BUILTIN_METHODS, CACHE_IGNORED, EFFECTS, FIELDS, HASH_EXCLUDED, RESUME_OVERRIDABLE,
                                   keys_with)
 
+    from deltamask.config import _f
+
     for k, f in FIELDS.items():
-        assert f.metadata["effect"] in EFFECTS, k
         assert f.metadata["methods"] is None or set(f.metadata["methods"]) <= set(BUILTIN_METHODS), k
+    with pytest.raises(ValueError, match="unknown effect"):
+        _f(1, "x", effect="resultt")
+    with pytest.raises(TypeError):
+        _f(1, "x")  # a field must say what it changes: no default effect
+    assert set(EFFECTS) == {"data", "result", "length", "storage", "engine", "report"}
     # pinned: a key moved to another effect changes the Flower config hash, what resume accepts or the node cache
     report = {"progress", "max_skipped_rounds", "downhill_rounds", "downhill_drop"}
     assert HASH_EXCLUDED == report | {"device"}
@@ -94,13 +100,22 @@ def test_the_derived_sets_are_what_the_engines_use() -> None:
     # the engine keys' defaults live once, in EngineSettings
     s = settings.FlowerSettings()
     assert {k: getattr(s, k.replace("-", "_")) for k in config.ENGINE_KEYS} == {k: v[0] for k, v in config.ENGINE_KEYS.items()}
-    assert config.ENGINE_KEYS["round-timeout"][0] == 600.0 and config.ENGINE_KEYS["out-dir"][0] == ""
+    # pinned: the engine keys as they were kept by hand (defaults and help), before EngineSettings
+    assert config.ENGINE_KEYS == {
+        "out-dir": ("", "where the run is written; Flower: an absolute path (empty: ~/deltamask-runs/flower-RUN_ID)"),
+        "round-timeout": (600.0, "seconds the server waits for a round's replies; a client not back by then is dropped (Flower; the local engine only when a run sets it)"),
+        "node-wait-timeout": (120.0, "Flower: seconds the server waits before round 1 for num-clients nodes; none at all fails the run"),
+        "resume": (False, "Flower: continue the interrupted run in out-dir (locally: deltamask run --resume DIR)"),
+        "overwrite": (False, "replace a run already in out-dir (otherwise it is refused)"),
+    }
 
 
 def test_hash_excluded_keys_do_not_change_the_flower_config_hash_and_the_rest_do() -> None:
     from deltamask.engines.flower.settings import config_hash
 
     base = Config()
+    # pinned: the defaults' hash before the key sets were derived (8497b9f); it changes when a default changes
+    assert config_hash(base) == "1db6a6c82508313a"
     assert config_hash(build_config({"progress": False, "device": "cpu", "downhill_rounds": 0})) == config_hash(base)
     assert config_hash(build_config({"cache_dir": "/x"})) != config_hash(base)  # storage stays in the hash
     assert config_hash(build_config({"rounds": 7})) != config_hash(base)

@@ -42,9 +42,12 @@ def build_tinycnn(arg: str, weights: str, pretrained_online: bool, image_size: i
     stands in for them here), ``random``, or a path to a state dict."""
     if not arg.isdigit():
         raise ValueError(f"tinycnn:WIDTH takes an integer width, got {arg!r}")
-    if weights != RANDOM_WEIGHTS:
-        torch.manual_seed(1234)  # "pretrained": the same weights every time
-    model = TinyCNN(int(arg))
+    if weights == RANDOM_WEIGHTS:
+        model = TinyCNN(int(arg))  # from the caller's torch seed, as every family's random init
+    else:
+        with torch.random.fork_rng():  # "pretrained": the same weights every time; the caller's RNG is left alone
+            torch.manual_seed(1234)
+            model = TinyCNN(int(arg))
     if weights and weights != RANDOM_WEIGHTS:
         from safetensors.torch import load_file
 

@@ -26,7 +26,8 @@ _WEIGHT = ("fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora")
 
 #: What a key changes: every :class:`Config` field says it in its metadata (``effect``), and the key sets
 #: that used to be kept by hand are derived from it (:data:`HASH_EXCLUDED`, :data:`RESUME_OVERRIDABLE`,
-#: :data:`CACHE_IGNORED`). A new key is ``result`` unless it says otherwise.
+#: :data:`CACHE_IGNORED`). Every field must say it (``_f(..., effect=...)``): a key that changes the clients' data
+#: and forgot to say so would let a Flower node reuse a stale cache.
 EFFECTS = {
     "data": "the clients' images, labels and split, or the frozen backbone's outputs on them (and so the result); "
             "keyed in a Flower node's cache",
@@ -39,10 +40,10 @@ EFFECTS = {
 }
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, *, effect: str = "result",
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, *, effect: str,
        methods: tuple[str, ...] | None = None, values: tuple[str, ...] | None = None) -> Any:
     """A config field and its metadata: ``help``; ``choices`` (the only values accepted); ``effect`` (a key of
-    :data:`EFFECTS`); ``methods`` (the methods that read it; None = every method); ``values`` (documented
+    :data:`EFFECTS`, required); ``methods`` (the methods that read it; None = every method); ``values`` (documented
     values that plug-ins may extend, unlike ``choices``)."""
     if effect not in EFFECTS:
         raise ValueError(f"unknown effect {effect!r}")
@@ -53,7 +54,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, *, effec
 @dataclass(frozen=True)
 class Config:
     # --- experiment ---
-    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe, or a baseline: fedavg, qsgd, signsgd, topk, drive, eden, lora", values=BUILTIN_METHODS)
+    method: str = _f("deltamask", "federated method: deltamask, fedpm, linear-probe, or a baseline: fedavg, qsgd, signsgd, topk, drive, eden, lora", values=BUILTIN_METHODS, effect="result")
     model: str = _f(
         "efficientnet_lite0",
         "backbone spec: efficientnet_lite0 (built-in, offline), timm:NAME, torchvision:NAME, hf:ID_OR_PATH", effect="data")
@@ -73,67 +74,67 @@ class Config:
     # --- federation ---
     rounds: int = _f(30, "communication rounds in total, head warm-up included", effect="length")
     num_clients: int = _f(10, "number of clients the training set is split across", effect="data")
-    clients_per_round: int = _f(5, "clients sampled each round (K)")
+    clients_per_round: int = _f(5, "clients sampled each round (K)", effect="result")
     partition: str = _f("dirichlet", "how the training set is split across clients", ("iid", "dirichlet"), effect="data")
     alpha: float = _f(0.5, "Dirichlet concentration over labels (smaller = more non-IID)", effect="data")
     min_partition_size: int = _f(20, "minimum samples per client for the Dirichlet split", effect="data")
-    weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation")
-    min_replies: int = _f(1, "fewer good client replies than this skips the round's update")
+    weighted: bool = _f(False, "weight clients' masks / heads by their sample counts in aggregation", effect="result")
+    min_replies: int = _f(1, "fewer good client replies than this skips the round's update", effect="result")
     downhill_rounds: int = _f(3, "report a walk downhill: global accuracy falling at this many consecutive evaluations, or the final accuracy ending downhill_drop below the run's best (record, summary.json, status line; 0 = off)", effect="report")
     downhill_drop: float = _f(0.02, "the smallest fall in accuracy (a fraction: 0.02 = 2 points) that downhill_rounds reports", effect="report")
     max_skipped_rounds: int = _f(3, "the run fails after this many consecutive rounds without an update (0 = never); a run that never updates fails too", effect="report")
     # --- untrusted clients (robust.py; benchmarks/bench_attacks.py) ---
-    max_flip_fraction: float = _f(0.0, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected; 0 = the protocol's own bound ceil(kappa * N), which no honest client exceeds", methods=("deltamask",))
-    flip_outlier: float = _f(3.0, "mask methods: a reply whose flips exceed this many times the round's median is rejected (3+ replies; honest max/median <= 1.1 measured; 0 = off)", methods=_MASK)
-    clip_factor: float = _f(5.0, "heads and weight updates: each client's update (per tensor for the head) is norm-clipped to this many times the round's median update norm (honest max/median <= 2.4 measured; 0 = off)")
-    robust_mean: str = _f("mean", "coordinate-wise rule that combines heads and weight updates", ("mean", "median", "trimmed-mean"))
-    trim_fraction: float = _f(0.2, "trimmed-mean: fraction of the replies cut at each end, per coordinate (at least one each end)")
-    max_abs_param: float = _f(1e4, "a client's head or weight-update entry must be finite with |x| <= this, else the reply is rejected")
+    max_flip_fraction: float = _f(0.0, "deltamask: a reply flipping more than this fraction of the N masked weights is rejected; 0 = the protocol's own bound ceil(kappa * N), which no honest client exceeds", methods=("deltamask",), effect="result")
+    flip_outlier: float = _f(3.0, "mask methods: a reply whose flips exceed this many times the round's median is rejected (3+ replies; honest max/median <= 1.1 measured; 0 = off)", methods=_MASK, effect="result")
+    clip_factor: float = _f(5.0, "heads and weight updates: each client's update (per tensor for the head) is norm-clipped to this many times the round's median update norm (honest max/median <= 2.4 measured; 0 = off)", effect="result")
+    robust_mean: str = _f("mean", "coordinate-wise rule that combines heads and weight updates", ("mean", "median", "trimmed-mean"), effect="result")
+    trim_fraction: float = _f(0.2, "trimmed-mean: fraction of the replies cut at each end, per coordinate (at least one each end)", effect="result")
+    max_abs_param: float = _f(1e4, "a client's head or weight-update entry must be finite with |x| <= this, else the reply is rejected", effect="result")
     # --- local training ---
-    local_epochs: int = _f(1, "local epochs per round (E)")
-    batch_size: int = _f(64, "local mini-batch size")
-    lr: float = _f(0.1, "Adam learning rate for mask scores", methods=_MASK)
-    head_lr: float = _f(0.01, "Adam learning rate for the linear head")
-    head_epochs: int = _f(5, "local epochs for the head in linear probing / warm-up rounds")
+    local_epochs: int = _f(1, "local epochs per round (E)", effect="result")
+    batch_size: int = _f(64, "local mini-batch size", effect="result")
+    lr: float = _f(0.1, "Adam learning rate for mask scores", methods=_MASK, effect="result")
+    head_lr: float = _f(0.01, "Adam learning rate for the linear head", effect="result")
+    head_epochs: int = _f(5, "local epochs for the head in linear probing / warm-up rounds", effect="result")
     # --- masks (METHOD.md) ---
     masked_blocks: int = _f(5, "mask every weight matrix / conv kernel in the last L blocks (L)", effect="data")
     mask_pattern: str = _f("", "regex over parameter names selecting masked weights (overrides masked_blocks)", effect="data")
-    theta0: float = _f(0.99, "initial keep-probability of every masked weight", methods=_MASK)
-    eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit", methods=_MASK)
-    reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)", methods=_MASK)
-    posterior_memory: float = _f(0.0, "mask methods: the Beta posterior keeps this fraction of the earlier rounds' evidence (alpha, beta decay towards Beta(1,1)) instead of resetting each round, so one round's few clients move theta less (0 = reset_every decides; needs reset_every 0 or 1; theta then goes down quantized, not as counts)", methods=_MASK)
-    posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"), methods=_MASK)
-    head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training")
-    train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)", methods=_MASK)
-    head_server_lr: float = _f(1.0, "train_head: the server moves the global head this fraction of the way to the clients' combined head each mask round (1 = plain FedAvg; < 1 damps the swing that a few label-skewed clients give it)", methods=_MASK)
-    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced for deltamask (its head warm-up included) and wherever the head is trained jointly (train_head=true), else ce (benchmarks/RESULTS.md, skewed clients)", ("auto", "ce", "balanced"), methods=(*_MASK, "linear-probe"))
+    theta0: float = _f(0.99, "initial keep-probability of every masked weight", methods=_MASK, effect="result")
+    eps: float = _f(0.01, "probabilities are clipped to [eps, 1-eps] before any logit", methods=_MASK, effect="result")
+    reset_every: int = _f(1, "reset Beta priors to Beta(1,1) every this many rounds (1 = FedPM, 0 = never)", methods=_MASK, effect="result")
+    posterior_memory: float = _f(0.0, "mask methods: the Beta posterior keeps this fraction of the earlier rounds' evidence (alpha, beta decay towards Beta(1,1)) instead of resetting each round, so one round's few clients move theta less (0 = reset_every decides; needs reset_every 0 or 1; theta then goes down quantized, not as counts)", methods=_MASK, effect="result")
+    posterior: str = _f("mode", "statistic of the Beta posterior broadcast as theta", ("mean", "mode"), methods=_MASK, effect="result")
+    head_warmup_rounds: int = _f(3, "rounds of federated linear probing of the head before mask training", effect="result")
+    train_head: bool = _f(False, "train the head jointly with the masks (head sent dense each round, counted)", methods=_MASK, effect="result")
+    head_server_lr: float = _f(1.0, "train_head: the server moves the global head this fraction of the way to the clients' combined head each mask round (1 = plain FedAvg; < 1 damps the swing that a few label-skewed clients give it)", methods=_MASK, effect="result")
+    client_loss: str = _f("auto", "local loss of mask methods' clients (scores, head): ce = cross-entropy; balanced = cross-entropy of the logits plus the client's own log label frequencies (logit adjustment, as in FedLC), so that a client's label skew does not pull the shared model towards its classes; auto = balanced for deltamask (its head warm-up included) and wherever the head is trained jointly (train_head=true), else ce (benchmarks/RESULTS.md, skewed clients)", ("auto", "ce", "balanced"), methods=(*_MASK, "linear-probe"), effect="result")
     # --- DeltaMask ---
-    kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)", methods=("deltamask",))
-    kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"), methods=("deltamask",))
-    kappa_rank: str = _f("change", "how the delta is ranked for top-kappa: change = |theta_k - theta_g| (the paper), logit = |logit theta_k - logit theta_g| (moves near 0 and 1 count more)", ("change", "logit"), methods=("deltamask",))
-    kappa_min: float = _f(0.2, "final kappa of the cosine schedule", methods=("deltamask",))
+    kappa: float = _f(0.1, "fraction of the delta (changed mask bits) kept, largest |theta_k - theta_g| first (0.3 before issue 9; benchmarks/RESULTS.md)", methods=("deltamask",), effect="result")
+    kappa_schedule: str = _f("constant", "kappa over rounds", ("constant", "cosine"), methods=("deltamask",), effect="result")
+    kappa_rank: str = _f("change", "how the delta is ranked for top-kappa: change = |theta_k - theta_g| (the paper), logit = |logit theta_k - logit theta_g| (moves near 0 and 1 count more)", ("change", "logit"), methods=("deltamask",), effect="result")
+    kappa_min: float = _f(0.2, "final kappa of the cosine schedule", methods=("deltamask",), effect="result")
     # --- codecs ---
-    codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)")
-    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32", methods=_MASK)
-    downlink: str = _f("auto", "theta to a client that holds an older version: auto (smallest of snapshot, cond, replay), snapshot (theta alone), cond (levels coded against the client's cached levels), replay (the uplinks it missed)", ("auto", "snapshot", "cond", "replay"), methods=_MASK)
-    downlink_history: int = _f(8, "theta versions the server keeps to code against (a client holding an older one gets a snapshot)", methods=_MASK)
-    head_codec: str = _f("f16", "codec of the dense head (f32 before issue 9; benchmarks/RESULTS.md)", ("f32", "f16"))
+    codec: str = _f("auto", "uplink codec: an index-set codec for deltamask (auto = smallest exact), a mask codec for fedpm (auto = bitpack)", effect="result")
+    downlink_codec: str = _f("auto", "downlink codec of theta: auto (counts when exact: probs-counts, probs-counts-rans from 2^24 masked weights; else q8), probs-counts-rans, probs-counts, probs-q8, probs-f32", methods=_MASK, effect="result")
+    downlink: str = _f("auto", "theta to a client that holds an older version: auto (smallest of snapshot, cond, replay), snapshot (theta alone), cond (levels coded against the client's cached levels), replay (the uplinks it missed)", ("auto", "snapshot", "cond", "replay"), methods=_MASK, effect="result")
+    downlink_history: int = _f(8, "theta versions the server keeps to code against (a client holding an older one gets a snapshot)", methods=_MASK, effect="result")
+    head_codec: str = _f("f16", "codec of the dense head (f32 before issue 9; benchmarks/RESULTS.md)", ("f32", "f16"), effect="result")
     # --- output ---
-    eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)")
-    eval_sampled: bool = _f(True, "also report accuracy with one sampled mask")
+    eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)", effect="result")
+    eval_sampled: bool = _f(True, "also report accuracy with one sampled mask", effect="result")
     progress: bool = _f(True, "print a progress line per round to stderr", effect="report")
     # --- baselines --- (weight-training baselines: fedavg, qsgd, signsgd, topk, drive, eden, lora; docs/baselines.md)
-    weight_lr: float = _f(1e-4, "Adam learning rate of the trained weights / LoRA adapters in the weight-training baselines", methods=_WEIGHT)
-    qsgd_levels: int = _f(4, "QSGD: quantisation levels s per sign, 1..1024 (Alistarh et al. 2017)", methods=("qsgd",))
-    qsgd_bucket: int = _f(512, "QSGD: values per bucket, one f32 norm each (0 = one bucket; the paper's experiments use 512)", methods=("qsgd",))
-    signsgd_mode: str = _f("ef", "signSGD: ef = scaled sign with error feedback (Karimireddy et al. 2019), vote = majority vote (Bernstein et al. 2019)", ("ef", "vote"), methods=("signsgd",))
-    topk_ratio: float = _f(0.01, "TopK: fraction of the update's entries sent each round, with error feedback", methods=("topk",))
-    drive_scale: str = _f("unbiased", "DRIVE scale: unbiased = ||x||^2/||Rx||_1 (for averaging), mse = ||Rx||_1/d (biased)", ("unbiased", "mse"), methods=("drive",))
-    eden_bits: float = _f(0.5, "EDEN bits per coordinate: in (0,1) = sub-bit by random sub-sampling, or an integer 1..8", methods=("eden",))
-    rotation_block: int = _f(65536, "DRIVE/EDEN: randomized Hadamard block, a power of two >= 256 (0 = whole vector, padded)", methods=("drive", "eden"))
-    lora_rank: int = _f(4, "LoRA: rank r of the adapters on the maskable tensors", methods=("lora",))
-    lora_alpha: float = _f(0.0, "LoRA: scaling alpha, dW = alpha/r * B A (0 = r, scale 1)", methods=("lora",))
-    lora_dtype: str = _f("f32", "LoRA: adapter updates on the wire", ("f32", "f16"), methods=("lora",))
+    weight_lr: float = _f(1e-4, "Adam learning rate of the trained weights / LoRA adapters in the weight-training baselines", methods=_WEIGHT, effect="result")
+    qsgd_levels: int = _f(4, "QSGD: quantisation levels s per sign, 1..1024 (Alistarh et al. 2017)", methods=("qsgd",), effect="result")
+    qsgd_bucket: int = _f(512, "QSGD: values per bucket, one f32 norm each (0 = one bucket; the paper's experiments use 512)", methods=("qsgd",), effect="result")
+    signsgd_mode: str = _f("ef", "signSGD: ef = scaled sign with error feedback (Karimireddy et al. 2019), vote = majority vote (Bernstein et al. 2019)", ("ef", "vote"), methods=("signsgd",), effect="result")
+    topk_ratio: float = _f(0.01, "TopK: fraction of the update's entries sent each round, with error feedback", methods=("topk",), effect="result")
+    drive_scale: str = _f("unbiased", "DRIVE scale: unbiased = ||x||^2/||Rx||_1 (for averaging), mse = ||Rx||_1/d (biased)", ("unbiased", "mse"), methods=("drive",), effect="result")
+    eden_bits: float = _f(0.5, "EDEN bits per coordinate: in (0,1) = sub-bit by random sub-sampling, or an integer 1..8", methods=("eden",), effect="result")
+    rotation_block: int = _f(65536, "DRIVE/EDEN: randomized Hadamard block, a power of two >= 256 (0 = whole vector, padded)", methods=("drive", "eden"), effect="result")
+    lora_rank: int = _f(4, "LoRA: rank r of the adapters on the maskable tensors", methods=("lora",), effect="result")
+    lora_alpha: float = _f(0.0, "LoRA: scaling alpha, dW = alpha/r * B A (0 = r, scale 1)", methods=("lora",), effect="result")
+    lora_dtype: str = _f("f32", "LoRA: adapter updates on the wire", ("f32", "f16"), methods=("lora",), effect="result")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

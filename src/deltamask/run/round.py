@@ -309,7 +309,6 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
     forget what it believed the other clients held (they get it re-sent: same result)."""
     state, client_states, saved, engine = load_state(out)
     check_resumable(exp.cfg, saved, out)
-    exp.method.resumed(state)
     transport.bind(dict(state.identities))
     held = transport.restore(client_states)
     believed = set(state.client_theta_version) | set(state.client_head_version)
@@ -322,6 +321,7 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
         )
     for cid in lost:
         exp.method.delivered(state, cid, False)
+    exp.method.resumed(state)  # before any send, after the server forgot what it cannot re-send
     if lost:
         log.info("resume: clients %s get theta/head re-sent (their caches are not held by the %s engine)", lost, transport.name)
     metrics = out / "metrics.jsonl"

@@ -10,9 +10,8 @@ change between rounds once per node and reuses it:
                                          dtype / shape / sha256 of every array
 ``cache_dir/events.log``                 one JSON line per call: ``hit`` or ``build`` (+ reason)
 
-``<key>`` (:func:`cache_key`) hashes every config key that can change those arrays (everything except
-:data:`IGNORED_KEYS`, so a key added to :class:`~deltamask.config.Config` later invalidates by
-default), the partition id, the resolved device kind, fingerprints of local weight / data files
+``<key>`` (:func:`cache_key`) hashes every config key that can change those arrays (the fields whose
+``effect`` is ``data``; every field must declare its effect, so a new key is never left out by omission), the partition id, the resolved device kind, fingerprints of local weight / data files
 (path + size + mtime) and the versions of deltamask and of the libraries that compute the arrays.
 A load is verified (manifest, sizes, checksums) and anything that does not match is rebuilt with a
 warning. Entries are written to a temporary directory and moved into place with ``os.replace``, so
@@ -44,8 +43,9 @@ from ...model.prefix_cache import stored_tensor
 
 log = logging.getLogger("deltamask")
 
-#: bump when the layout or the meaning of an entry changes
-FORMAT = 1
+#: bump when the layout or the meaning of an entry changes (2: the key's config part is every key whose
+#: ``effect`` is ``data``; entries made under 1 are rebuilt once)
+FORMAT = 2
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 EVENTS = "events.log"
