@@ -143,3 +143,21 @@ def test_add_a_transport(tmp_path) -> None:
     recs = read_jsonl(tmp_path / "lossy" / "metrics.jsonl")
     lost = [(r["round"], c) for r in recs for c in r["lost_replies"]]
     assert lost and lost == [(r["round"], f["client"]) for r in recs for f in r["failures"] if f["kind"] == "timeout"]
+
+
+def test_the_command_line_loads_a_plugin_and_says_when_it_cannot(tmp_path, capsys) -> None:
+    from deltamask.app.cli import main
+
+    sets = ["--set", "model=timm:test_efficientnet", "--set", "weights=random", "--set", "dataset=digits",
+            "--set", "image_size=32", "--set", "rounds=2", "--set", "head_warmup_rounds=1", "--set", "num_clients=2",
+            "--set", "clients_per_round=2", "--set", "train_samples=120", "--set", "test_samples=60",
+            "--set", "masked_blocks=1", "--set", "progress=false"]
+    rc = main(["run", "--plugin", str(EXAMPLES / "add_codec.py"), "--set", "codec=elias-gamma", "--out",
+               str(tmp_path / "run"), *sets])
+    assert rc == 0 and '"codec": "elias-gamma"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert main(["run", "--plugin", str(tmp_path / "nope.py"), "--out", str(tmp_path / "r2"), *sets]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad_plugin.py"
+    bad.write_text("raise RuntimeError('broken on purpose')\n")
+    assert main(["run", "--plugin", str(bad), "--out", str(tmp_path / "r3"), *sets]) == 2
+    assert "broken on purpose" in capsys.readouterr().err

@@ -5,8 +5,8 @@ the ranking matter, or would any kappa-fraction of the delta do? ``deltamask-ran
 random ``ceil(kappa * |delta|)`` of it (drawn from the run's seed, so the run stays reproducible). Everything
 else (the Beta posterior, the codecs, the downlink, the checks on every reply) is DeltaMask's, inherited: a
 method overrides only what differs. ``register_method`` makes ``method="deltamask-random"`` a valid config value
-in the process that imports this module (``build_config``, ``run_local``); the ``deltamask`` command and the
-Flower apps know only the built-in methods.
+in the process that imports this module (``build_config``, ``run_local``, or ``deltamask run --plugin
+examples/extend/add_method.py --set method=deltamask-random``); the Flower apps know only the built-in methods.
 
     python examples/extend/add_method.py       # both methods side by side, 4 rounds each (~40 s on a CPU)
 """

@@ -1,6 +1,6 @@
 """The ``deltamask`` command. Each sub-command parses, calls the library, writes files.
 
-    deltamask run [--config FILE.toml] [--set key=value ...] [--out DIR] [--resume DIR]
+    deltamask run [--config FILE.toml] [--set key=value ...] [--out DIR] [--resume DIR] [--plugin FILE.py|MODULE ...]
     deltamask config [--format table|toml|json]      every config key, its default and meaning
     deltamask report DIR                              redraw plots from DIR/metrics.jsonl
     deltamask predict --model DIR/model.safetensors IMAGE...
@@ -36,10 +36,42 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelError, StateError, ArtifactError, CodecError, FileNotFoundError)
 
 
+def load_plugins(specs: list[str] | None) -> None:
+    """Import each plug-in (a ``.py`` file or a module name) so that the codecs, methods and model families it
+    registers are known to this run (docs/architecture.md). A plug-in that cannot be imported is a ConfigError."""
+    import importlib
+    import importlib.util
+
+    for spec in specs or []:
+        try:
+            if spec.endswith(".py"):
+                path = Path(spec).expanduser().resolve()
+                if not path.is_file():
+                    raise ConfigError(f"--plugin {spec!r}: no such file")
+                name = f"deltamask_plugin_{path.stem}"
+                if any(getattr(m, "__file__", None) and Path(m.__file__).resolve() == path for m in list(sys.modules.values())):
+                    continue  # this file is already imported (under any name): its registrations stand
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+                sys.modules[name] = module
+                try:
+                    mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+                except BaseException:
+                    sys.modules.pop(name, None)
+                    raise
+            else:
+                importlib.import_module(spec)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the plug-in's own error, said in one line
+            raise ConfigError(f"--plugin {spec!r} could not be imported: {type(e).__name__}: {e}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..engines.local import run_local
     from ..run.round import run_target
 
+    load_plugins(args.plugin)
     cfg, out, overwrite, engine = run_target(args.config, args.set, args.out, args.resume, args.overwrite, DEFAULT_OUT)
     # runs/latest is the scratch folder, replaced by every run; a named folder is kept unless asked
     overwrite = overwrite or (not args.resume and out == Path(DEFAULT_OUT))
@@ -115,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help=f"output folder (default: the preset's out-dir, else {DEFAULT_OUT}, which every run replaces)")
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (otherwise a named folder holding a run is refused)")
+    r.add_argument("--plugin", action="append", metavar="FILE.py|MODULE",
+                   help="import a plug-in first: the codecs, methods and model families it registers (repeatable; "
+                        "docs/architecture.md; give it again with --resume)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("config", help="list every config key with its default and meaning")
