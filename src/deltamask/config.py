@@ -20,9 +20,9 @@ class ConfigError(ValueError):
 
 
 #: the built-in methods (``method=``; plug-ins join through :func:`register_method_name`)
-BUILTIN_METHODS = ("deltamask", "fedpm", "linear-probe", "fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora")
 _MASK = ("deltamask", "fedpm")
 _WEIGHT = ("fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora")
+BUILTIN_METHODS = (*_MASK, "linear-probe", *_WEIGHT)
 
 #: What a key changes: every :class:`Config` field says it in its metadata (``effect``), and the key sets
 #: that used to be kept by hand are derived from it (:data:`HASH_EXCLUDED`, :data:`RESUME_OVERRIDABLE`,
@@ -251,12 +251,11 @@ def _validate(cfg: Config) -> None:
     need(1 <= cfg.min_replies <= cfg.clients_per_round, "min_replies", f"must be in 1..clients_per_round={cfg.clients_per_round} (more replies than clients per round can never arrive)")
     need(0.0 < cfg.head_server_lr <= 1.0, "head_server_lr", "must be in (0, 1] (1 = plain FedAvg of the heads)")
     # the skew options act only where their method computes them: set anywhere else, they are refused, not ignored
-    mask_methods = ("deltamask", "fedpm")
-    need(cfg.head_server_lr == 1.0 or (cfg.train_head and cfg.method in mask_methods), "head_server_lr",
+    need(cfg.head_server_lr == 1.0 or (cfg.train_head and cfg.method in _MASK), "head_server_lr",
          "moves the jointly trained head of deltamask / fedpm: set train_head=true with one of them, or leave it at 1")
-    need(cfg.posterior_memory == 0.0 or cfg.method in mask_methods, "posterior_memory",
+    need(cfg.posterior_memory == 0.0 or cfg.method in _MASK, "posterior_memory",
          f"is a memory of the mask posterior: only deltamask and fedpm have one (method is {cfg.method!r})")
-    need(cfg.client_loss != "balanced" or cfg.method in (*mask_methods, "linear-probe"), "client_loss",
+    need(cfg.client_loss != "balanced" or cfg.method in FIELDS["client_loss"].metadata["methods"], "client_loss",
          f"balanced applies to deltamask, fedpm and linear-probe; the weight-training baselines ({cfg.method!r}) train "
          "with plain cross-entropy")
     need(cfg.downhill_rounds >= 0, "downhill_rounds", "must be >= 0 (0 = off)")

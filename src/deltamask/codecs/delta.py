@@ -122,7 +122,7 @@ class ThetaDeltaCodec(DeltaCodec):
     description = "theta against the receiver's cached version: same / conditional levels / replayed uplinks"
 
     # --- encoders ----------------------------------------------------------------------------------
-    def encode(self, mode: str = "same", n: int = 0, base: bytes = b"", target: bytes = b"", kind: str = "counts", **kw: Any) -> bytes:  # noqa: D102
+    def encode(self, mode: str = "same", n: int = 0, base: bytes = b"", target: bytes = b"", kind: str = "counts", **kw: Any) -> bytes:
         if mode == "same":
             return self.encode_same(n, target)
         if mode == "cond":

@@ -21,10 +21,9 @@ Both downlink codecs are far below 32 bpp: with K = 10 clients and counts ~ Bin(
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 
 import numpy as np
-
-from typing import ClassVar
 
 from .base import ArrayCodec, Levels, MaskCodec, ProbsCodec, register
 from .container import MAX_N, CodecError, pack, unpack

@@ -429,9 +429,10 @@ class _SizeError(Exception):
 
 # --- per framework: the model's own pre-logit features, its blocks, its tail ------------------------
 
-def _stage_timm(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
-    """timm: blocks by ``group_matcher``; tail = the modules ``forward_features`` runs after the blocks,
-    then the model's own ``forward_head(..., pre_logits=True)`` (classifier already reset to identity)."""
+def stage_timm(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
+    """timm: the classifier reset to identity; blocks by ``group_matcher``; tail = the modules
+    ``forward_features`` runs after the blocks, then the model's own ``forward_head(..., pre_logits=True)``."""
+    model.reset_classifier(0)
 
     def own(t: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(t), pre_logits=True)
@@ -484,9 +485,10 @@ def _drop_final_linear(model: nn.Module, x: torch.Tensor) -> int:
     return int(dim)
 
 
-def _stage_torchvision(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
-    """torchvision: blocks = members of its block containers; tail = its own forward after the last
-    block, traced by torch.fx (torchvision models are built to be fx-traceable)."""
+def stage_torchvision(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
+    """torchvision, and most plain torch models whose output is one final ``nn.Linear``: blocks = members of
+    its block containers (:data:`BLOCK_CONTAINERS`); tail = its own forward after the last block, traced by
+    torch.fx (torchvision models are built to be fx-traceable)."""
     _drop_final_linear(model, x)
     units = _container_units(model)
 
@@ -497,10 +499,11 @@ def _stage_torchvision(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
     return _stage(model, model, x, units, make_tail)
 
 
-def _stage_hf(model: nn.Module, x: torch.Tensor, interpolate: bool) -> StagedBackbone:
+def stage_hf(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
     """transformers: blocks = its encoder layers; pre-logits = ``pooler_output`` where that is a norm of
     the CLS token (CLIP, DINOv2), else the layer-normed CLS token (ViT, whose tanh pooler is a
     pre-training head); tail = CLS token, then the model's final per-token LayerNorm(s)."""
+    interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
     kw = {"interpolate_pos_encoding": True} if interpolate else {}
     use_pooler = getattr(model, "pooler", None) is None
 
@@ -787,10 +790,6 @@ def register_model_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def model_families() -> list[ModelFamily]:
-    return list(_FAMILIES.values())
-
-
 def family_of(spec: str) -> tuple[ModelFamily, str]:
     """(family, argument) of a model spec; an unknown spec is a :class:`ModelError` listing every form."""
     for family in _FAMILIES.values():  # a built-in's exact name before any prefix
@@ -806,23 +805,6 @@ def family_of(spec: str) -> tuple[ModelFamily, str]:
 def model_forms() -> list[str]:
     """Every spec form ``model=`` accepts, one line per registered family."""
     return [f.form for f in _FAMILIES.values()]
-
-
-def stage_timm(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
-    """Stage a timm model (its classifier reset to identity first)."""
-    model.reset_classifier(0)
-    return _stage_timm(model, x)
-
-
-def stage_torchvision(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
-    """Stage a model whose output is one final ``nn.Linear`` and whose blocks sit in block containers
-    (:data:`BLOCK_CONTAINERS`), its tail traced by torch.fx: torchvision's, and most plain torch models."""
-    return _stage_torchvision(model, x)
-
-
-def stage_hf(model: nn.Module, x: torch.Tensor) -> StagedBackbone:
-    """Stage a transformers vision model (encoder layers as blocks; the CLS token's pre-logit features)."""
-    return _stage_hf(model, x, "interpolate_pos_encoding" in inspect.signature(model.forward).parameters)
 
 
 def _build_efficientnet_lite0(arg: str, weights: str, pretrained_online: bool, image_size: int) -> tuple[nn.Module, tuple, tuple, int]:
