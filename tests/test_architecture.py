@@ -91,6 +91,12 @@ def test_add_a_codec(tmp_path) -> None:
     assert refused > 100  # most corruptions are caught by the codec itself
     with pytest.raises(CodecError):
         codec.decode(forged(10, 11, b"\xff"), expect_n=10)  # more keys than the universe
+    # a plug-in codec is an auto candidate: with an honest size estimate, auto still picks the smaller payload
+    auto = get_codec("auto", kind="indices")
+    assert "elias-gamma" in [x.name for x in auto.codecs]
+    sparse = np.sort(rng.choice(2_000_000, 200, replace=False))
+    chosen = auto.encode(sparse, 2_000_000)
+    assert len(chosen) < len(codec.encode(sparse, 2_000_000)) and len(chosen) <= len(get_codec("golomb").encode(sparse, 2_000_000))
     summary = ex.main(str(tmp_path / "run"), **TINY_MODEL)
     assert summary["status"] == "completed"
     mask_rounds = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("clients")]

@@ -3,7 +3,8 @@
 An index codec turns the sorted set of mask bits a client flips into bytes and back. This one is Elias-gamma
 coding of the gaps between indices (Elias 1975): no parameter to tune, about ``2 log2(gap) + 1`` bits per key,
 so it loses to Golomb-Rice and ANS at DeltaMask's densities, which is what the run below shows. It subclasses
-``IndexCodec`` (the contract of its kind: ``encode(indices, n, seed)`` / ``decode(data, expect_n=)``), writes
+``IndexCodec`` (the contract of its kind: ``encode(indices, n, seed)`` / ``decode(data, expect_n=)`` and
+``estimate_bits(k, n)``, by which ``codec=auto`` decides whether to try it), writes
 the shared container (``pack`` / ``unpack``: header, id, n, count, CRC), and treats every byte it reads as
 hostile: each inconsistency is a ``CodecError``, never an untyped exception.
 
@@ -36,6 +37,10 @@ class EliasGammaCodec(IndexCodec):
             bits += [0] * (width - 1) + [int(b) for b in bin(g)[2:]]  # width-1 zeros, then g in binary
         payload = np.packbits(np.array(bits, np.uint8), bitorder="big").tobytes()
         return pack(self.codec_id, n, idx.size, payload)
+
+    def estimate_bits(self, k: int, n: int) -> float:
+        """What ``auto`` compares candidates by: about ``2 log2(n / k) + 1`` bits per key plus the container."""
+        return 8.0 * 40 + k * (2.0 * np.log2(max(n / max(k, 1), 1.0)) + 1.0)
 
     def decode(self, data: bytes, *, expect_n: int | None = None) -> np.ndarray:
         c = unpack(data, self.codec_id, expect_n=expect_n)

@@ -220,3 +220,21 @@ def test_every_codec_subclasses_its_kinds_contract_and_register_refuses_one_that
     with pytest.raises(TypeError, match="must subclass IndexCodec"):
         register(Loose)
     assert "loose" not in available_codecs()
+
+
+def test_an_index_codec_must_state_its_expected_size() -> None:
+    # auto tries only the candidates whose estimate is near the smallest: a codec inheriting an optimistic default
+    # (the information bound) would be chosen over smaller ones, so the contract has no default
+    from deltamask.codecs import IndexCodec
+
+    class NoEstimate(IndexCodec):
+        name, codec_id = "no-estimate", 253
+
+        def encode(self, indices, n, seed=0):  # type: ignore[no-untyped-def]
+            return b""
+
+        def decode(self, data, *, expect_n=None):  # type: ignore[no-untyped-def]
+            return np.zeros(0, np.int64)
+
+    with pytest.raises(TypeError, match="estimate_bits"):
+        NoEstimate()

@@ -90,9 +90,11 @@ class IndexCodec(Codec):
         """Expected number of non-members reported as members (0 for exact codecs)."""
         return 0.0
 
+    @abstractmethod
     def estimate_bits(self, k: int, n: int) -> float:
-        """Approximate size in bits of a payload of ``k`` keys out of ``n`` (for ``auto``)."""
-        return 8.0 * 40 + log2_binomial(n, k)
+        """Approximate size in bits of a payload of ``k`` keys out of ``n`` (for ``auto``, which encodes only the
+        candidates estimated within its slack of the smallest estimate). Every index codec states its own: an
+        estimate below a codec's real size would make ``auto`` pick it over smaller codecs."""
 
 
 class MaskCodec(Codec):
