@@ -43,7 +43,7 @@ from ..codecs.container import OVERHEAD_BYTES
 from ..config import ConfigError
 from ..fl.robust import check_values, clip_fields, clip_to_median, combine
 from ..fl.aggregation import ServerState, fedavg
-from .base import Aggregation, ClientContext, ClientData, ClientFailure, Failure, Reply, Sent, join_bundle, split_bundle
+from .base import Aggregation, ClientContext, ClientData, ClientFailure, Reply, Sent, join_bundle, split_bundle
 from .masks import _HeadRounds, reply_failure
 
 MODE_NONE, MODE_UPDATES, MODE_DENSE = 0, 1, 2
