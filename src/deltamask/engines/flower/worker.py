@@ -18,6 +18,11 @@ Life cycle:
 * one worker per anchor: socket ``$DELTAMASK_WORKER_DIR/node-<anchor pid>.sock`` (default folder
   ``$XDG_RUNTIME_DIR/deltamask`` or ``/tmp/deltamask-<uid>``, mode 0700), its log beside it
   (``.log``); a restarted SuperNode gets a new worker;
+* the folder is trusted only if it is a real directory (not a symlink) owned by this user with mode 0700:
+  in a shared ``/tmp`` another local user could otherwise pre-create it and plant a socket that the
+  ClientApp would send downlinks to and take replies from, or symlink the log or lock somewhere else.
+  Anything else is refused with :class:`WorkerError` saying how to fix it; the log and the lock are opened
+  without following symlinks;
 * requests are served one at a time (one client per node); a worker that dies mid-request makes that
   client fail with the log's last lines, and the next message starts a new worker.
 
@@ -64,6 +69,7 @@ class WorkerError(RuntimeError):
 
 
 def worker_dir() -> Path:
+    """The worker's runtime folder, created mode 0700 if missing and checked (:func:`check_private_dir`)."""
     spec = os.environ.get(WORKER_DIR_ENV)
     if spec:
         d = Path(spec)
@@ -71,8 +77,49 @@ def worker_dir() -> Path:
         d = Path(os.environ["XDG_RUNTIME_DIR"]) / "deltamask"
     else:
         d = Path(tempfile.gettempdir()) / f"deltamask-{os.getuid()}"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        d.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise WorkerError(f"cannot create the node worker's folder {d}: {e}; set ${WORKER_DIR_ENV} to a private folder") from None
+    check_private_dir(d)
     return d
+
+
+def check_private_dir(d: Path) -> None:
+    """``d`` must be a directory (not a symlink to one), owned by this user, with no access for group or
+    others; else :class:`WorkerError` names what is wrong and how to fix it."""
+    import stat
+
+    try:
+        st = os.lstat(d)
+    except OSError as e:
+        raise WorkerError(f"the node worker's folder {d} cannot be read: {e}") from None
+    fix = f"remove it if it is yours and stale, or set ${WORKER_DIR_ENV} to a private folder (mode 0700, owned by you)"
+    if stat.S_ISLNK(st.st_mode):
+        raise WorkerError(f"the node worker's folder {d} is a symlink (to {os.readlink(d)!r}), not a directory: refused; {fix}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise WorkerError(f"the node worker's folder {d} is not a directory: refused; {fix}")
+    if st.st_uid != os.getuid():
+        raise WorkerError(f"the node worker's folder {d} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): "
+                          f"another user could plant a socket there; refused; {fix}")
+    if st.st_mode & 0o077:
+        raise WorkerError(f"the node worker's folder {d} has mode {stat.S_IMODE(st.st_mode):04o}: group or others can use it; "
+                          f"refused; make it private (chmod 700 {d}) or {fix}")
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """``os.open`` a file in the worker's folder without following a symlink (mode 0600 when created)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ELOOP:
+            raise WorkerError(f"{path} is a symlink: refused (the node worker's files are never followed elsewhere); remove it") from None
+        raise WorkerError(f"cannot open {path}: {e}") from None
 
 
 def socket_path(anchor: int) -> Path:
@@ -106,9 +153,12 @@ def default_anchor() -> int:
 
 def _tail(path: Path, n: int = 1500) -> str:
     try:
-        return path.read_text(errors="replace")[-n:]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return "(no log)"
+    with os.fdopen(fd, "rb") as f:
+        f.seek(max(0, os.fstat(fd).st_size - n))
+        return f.read().decode(errors="replace")
 
 
 # --- the ClientApp side (standard library only) ------------------------------------------------------
@@ -134,7 +184,7 @@ class WorkerClient:
     def _start(self) -> socket.socket:
         logf = self.path.with_suffix(".log")
         cmd = [sys.executable, "-m", "deltamask.engines.flower.worker", "--socket", str(self.path), "--anchor", str(self.anchor)]
-        with open(logf, "ab") as out:
+        with os.fdopen(_open_private(logf, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, close_fds=True)
         deadline = time.time() + START_TIMEOUT
         while True:
@@ -152,7 +202,7 @@ class WorkerClient:
         s = self._connect()
         if s is not None:
             return s
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        with os.fdopen(_open_private(self.path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one ClientApp starts the worker; the others then connect
             s = self._connect()
             if s is not None:
@@ -208,6 +258,7 @@ def serve(path: Path, anchor: int, idle_timeout: float) -> None:
     if born is None:
         log.info("anchor process %d is gone; not starting", anchor)
         return
+    check_private_dir(path.parent)
     from . import client_work  # noqa: F401  - torch and deltamask, before listening: a connect means ready
 
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
