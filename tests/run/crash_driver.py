@@ -3,15 +3,15 @@
     DM_KILL_AT=POINT[:ROUND] python tests/run/crash_driver.py run --out DIR --set ...
 
 The points are the real windows of :func:`deltamask.run.round.run_rounds` (per round: append the
-metrics line, then save_state = write ``state.safetensors.tmp``, fsync, ``os.replace``; at the end:
-``model.safetensors`` via ``model.tmp``, then ``summary.json``, then the plots):
+metrics line, then save_state = write a temporary ``.state.safetensors.<random>.tmp``, fsync, ``os.replace``;
+at the end: ``model.safetensors`` via its own temporary file, then ``summary.json``, then the plots):
 
 ``metrics-torn:K``     half of round K's metrics line is on disk, no newline, nothing else
 ``metrics:K``          round K's metrics line is on disk, its state is not (metrics one round ahead)
 ``state-torn:K``       round K's state tmp file is half written; the old state is in place
 ``state-tmp:K``        round K's state tmp file is complete (and fsynced), ``os.replace`` has not run
 ``state:K``            round K's state is in place (a clean kill between rounds)
-``artifact-torn``      ``model.tmp`` is half written, ``model.safetensors`` and summary.json do not exist
+``artifact-torn``      the model's temporary file is half written, ``model.safetensors`` and summary.json do not exist
 ``summary``            the artifact and summary.json are written, the plots are not
 
 The process kills *itself* with SIGKILL at that point, so no ``finally``, ``atexit`` or buffered write
@@ -65,11 +65,12 @@ def install(point: str, round_: int | None) -> None:
 
     def save_file(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
         real_save_file(tensors, filename, metadata=metadata)
-        name = Path(filename).name
-        if name == st.STATE_FILE + ".tmp" and point in ("state-torn", "state-tmp"):
+        name = Path(filename).name  # run/files.py's temporary names: .<final name>.<random>.tmp
+        final = name[1:].rsplit(".", 2)[0] if name.startswith(".") and name.endswith(".tmp") else name
+        if final == st.STATE_FILE and point in ("state-torn", "state-tmp"):
             if json.loads((metadata or {})["deltamask"])["round"] != round_:
                 return
-        elif not (name == "model.tmp" and point == "artifact-torn"):
+        elif not (final == "model.safetensors" and point == "artifact-torn"):
             return
         if point.endswith("-torn"):
             size = os.path.getsize(filename)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import save_atomic
 from .state import tensor_digest
 
 ARTIFACT_VERSION = 1
@@ -87,11 +88,7 @@ def save_artifact(path: str | Path, exp: Any, state: Any) -> Path:
         "seed": cfg.seed,
     }
     meta["sha256"] = tensor_digest(tensors)
-    p = Path(path)
-    tmp = p.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"deltamask_artifact": json.dumps(meta)})
-    tmp.replace(p)
-    return p
+    return save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"deltamask_artifact": json.dumps(meta)}))
 
 
 def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = None) -> FineTunedModel:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from .files import append_line, write_atomic
 
 TIMING_KEYS = ("seconds", "train_seconds", "eval_seconds", "wall_seconds", "elapsed_seconds")
 
@@ -37,10 +38,8 @@ def _clean(o: Any) -> Any:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One JSON line, appended and synced; a symlink at ``path`` is refused (never written through)."""
+    append_line(path, json.dumps(_clean(record), sort_keys=True))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -75,9 +74,7 @@ def truncate_metrics(path: str | Path, last_round: int) -> None:
                 raise ValueError(f"{p}: line {i} is not valid JSON") from None
             if rec.get("round", 0) <= last_round:
                 keep.append(rec)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
-    os.replace(tmp, p)
+    write_atomic(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
 
 def _mean(xs: Iterable[float]) -> float:
@@ -168,7 +165,4 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
 
 
 def write_json(path: str | Path, obj: dict[str, Any]) -> None:
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .files import save_atomic
 from .metrics import read_jsonl
 
 
@@ -39,7 +40,7 @@ def plot_run(out: str | Path) -> list[Path]:
     ax.legend()
     ax.set_title("accuracy per round")
     fig.tight_layout()
-    fig.savefig(d / "accuracy.png")
+    save_atomic(d / "accuracy.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     written.append(d / "accuracy.png")
 
@@ -58,7 +59,7 @@ def plot_run(out: str | Path) -> list[Path]:
     ax.legend()
     ax.set_title("communication per round")
     fig.tight_layout()
-    fig.savefig(d / "bpp.png")
+    save_atomic(d / "bpp.png", lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     written.append(d / "bpp.png")
     return written

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,12 +33,13 @@ from ..fl.training import evaluate
 from ..config import RESUME_OVERRIDABLE, Config, ConfigError, build_config, client_loss_of, from_sources, parse_sets, stability_warnings
 from ..errors import RunFailed
 from .experiment import Experiment
+from .files import RunLock, clean_stale_tmp, remove_entry, write_atomic
 from ..methods import Aggregation, Failure, Reply
 from ..methods.base import record_sent
 from ..fl.robust import Rejected, nonfinite_fields, screen_reply
 from .metrics import append_jsonl, downhill_report, falling_streak, read_jsonl, summarize, truncate_metrics, write_json
 from ..fl.aggregation import ServerState
-from .state import STATE_FILE, StateError, load_state, save_state
+from .state import STATE_FILE, StateError, check_loaded_state, load_state, save_state
 from .transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
@@ -164,21 +165,20 @@ def check_state_finite(state: ServerState, rnd: int) -> None:
 
 # --- the output folder -----------------------------------------------------------------------------
 def write_config(out: Path, cfg: Config) -> None:
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """A fresh run's folder: refuse one that holds a run unless ``overwrite``."""
     out.mkdir(parents=True, exist_ok=True)
-    present = [f for f in RUN_FILES if (out / f).exists()]
+    present = [f for f in RUN_FILES if os.path.lexists(out / f)]
     if present and not overwrite:
         raise ConfigError(
             f"output folder {str(out)!r} already holds a run ({', '.join(present)}); choose another folder, "
             "continue it with --resume (Flower: resume=true), or replace it with --overwrite (Flower: overwrite=true)"
         )
     for f in present:
-        p = out / f
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        remove_entry(out / f)  # the name only: a symlink is unlinked, never what it points at
 
 
 def resume_config(out: Path, overrides: dict[str, Any]) -> Config:
@@ -309,6 +309,7 @@ def _resume(exp: Experiment, transport: Transport, out: Path) -> tuple[ServerSta
     forget what it believed the other clients held (they get it re-sent: same result)."""
     state, client_states, saved, engine = load_state(out)
     check_resumable(exp.cfg, saved, out)
+    check_loaded_state(state, client_states, exp.method.init_state(), exp.cfg.num_clients, out)
     transport.bind(dict(state.identities))
     held = transport.restore(client_states)
     believed = set(state.client_theta_version) | set(state.client_head_version)
@@ -360,8 +361,16 @@ def run_rounds(
     """Run (or resume) ``exp`` over ``transport``, writing the run to ``out_dir``; returns the summary.
     ``stop_after`` ends the run after that round without finishing it (to test resume). Raises
     :class:`RunFailed` (after writing ``summary.json``) when the run fails."""
+    out = Path(out_dir)
+    with RunLock(out):  # one run writes a folder at a time
+        clean_stale_tmp(out, RUN_FILES)  # what a killed run's writes left
+        return _run_rounds(exp, transport, out, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress)
+
+
+def _run_rounds(exp: Experiment, transport: Transport, out: Path, *, resume: bool, overwrite: bool, stop_after: int | None,
+                progress: Progress | None) -> dict[str, Any]:
     started = time.time()
-    cfg, method, out = exp.cfg, exp.method, Path(out_dir)
+    cfg, method = exp.cfg, exp.method
     progress = progress or Progress(cfg.progress, cfg.rounds)
     if resume:
         state, records = _resume(exp, transport, out)
@@ -369,7 +378,7 @@ def run_rounds(
     else:
         prepare_out(out, overwrite)
         state, records = method.init_state(), []
-        (out / "metrics.jsonl").write_text("")
+        write_atomic(out / "metrics.jsonl", "")
         write_config(out, cfg)
     streak, any_update = _skip_status(records)
     last = records[-1] if records else None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import save_atomic
 
 from ..fl.aggregation import (
     ServerState,
@@ -99,13 +100,7 @@ def save_state(
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     meta["sha256"] = tensor_digest(tensors)
-    tmp = d / (STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"deltamask": json.dumps(meta, default=_json_default)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    final = d / STATE_FILE
-    os.replace(tmp, final)
-    return final
+    return save_atomic(d / STATE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"deltamask": json.dumps(meta, default=_json_default)}))
 
 
 def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, Any]], dict[str, Any], str]:
@@ -163,3 +158,38 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
     except (KeyError, ValueError, TypeError) as e:
         raise StateError(f"run state {str(path)!r} is incomplete ({e}); delete the output folder and start again") from None
     return state, clients, meta["config"], str(meta.get("engine", "local"))
+
+
+def check_loaded_state(state: ServerState, clients: dict[int, dict[str, Any]], ref: ServerState, num_clients: int,
+                       directory: str | Path) -> None:
+    """A resumed state must be one this run could have written: every server array of the shape a fresh
+    state of the run's config has (``ref``, the method's round-0 state), every float array finite, every
+    client id in ``[0, num_clients)``. Raises :class:`StateError` with one line naming the first problem."""
+    from ..fl.robust import nonfinite_fields
+
+    path = Path(directory) / STATE_FILE
+    fix = "delete the output folder and start again, or restore the file"
+    for name in ("theta", "head_weight", "head_bias", "alpha", "beta", "counts"):
+        got, want = getattr(state, name), getattr(ref, name)
+        if want is None or (got is None and name in ("alpha", "beta", "counts")):
+            continue  # kept only where the method reads them
+        shape = None if got is None else tuple(np.shape(got))
+        if shape != tuple(np.shape(want)):
+            raise StateError(f"run state {str(path)!r}: server/{name} has shape {shape}, this run's config gives "
+                             f"{tuple(np.shape(want))}; {fix}")
+    for k, want in ref.extra.items():
+        got = state.extra.get(k)
+        if got is not None and tuple(np.shape(got)) != tuple(np.shape(want)):
+            raise StateError(f"run state {str(path)!r}: extra/{k} has shape {tuple(np.shape(got))}, this run's config gives "
+                             f"{tuple(np.shape(want))}; {fix}")
+    bad_ids = sorted(c for c in set(clients) | set(state.client_theta_version) | set(state.client_head_version)
+                     | set(state.identities) if not 0 <= c < num_clients)
+    if bad_ids:
+        raise StateError(f"run state {str(path)!r} names clients {bad_ids[:5]}, outside 0..{num_clients - 1}; {fix}")
+    arrays: dict[str, Any] = {f"server/{n}": getattr(state, n) for n in ("theta", "head_weight", "head_bias", "alpha", "beta")}
+    arrays.update({f"extra/{k}": v for k, v in {**state.extra, **theta_versions_to_arrays(state.theta_versions)}.items()})
+    for cid, cst in clients.items():
+        arrays.update({f"client/{cid}/{k}": v for k, v in cst.items() if isinstance(v, np.ndarray)})
+    bad = nonfinite_fields(arrays)
+    if bad:
+        raise StateError(f"run state {str(path)!r} holds non-finite values ({', '.join(bad[:5])}); {fix}")
