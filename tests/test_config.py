@@ -131,3 +131,21 @@ def test_a_key_the_method_never_reads_is_said_when_the_run_starts() -> None:
     assert unused_keys(Config(method="fedavg")) == []  # defaults are never reported
     (w,) = stability_warnings(build_config({"method": "fedavg", "kappa": 0.3}))
     assert "kappa=0.3" in w and "deltamask" in w and "fedavg" in w
+
+
+@pytest.mark.parametrize("key", sorted(__import__("deltamask.config", fromlist=["LIMITS"]).LIMITS))
+def test_every_size_limit_at_its_edge(key) -> None:
+    """Issue 22: each size a config (or another party's Flower run config) can ask for has an upper bound:
+    the limit itself is accepted, one past it is refused naming the key and the limit."""
+    from deltamask.config import LIMITS
+
+    limit, what = LIMITS[key]
+    assert getattr(build_config({key: limit}), key) == limit
+    with pytest.raises(ConfigError, match=rf"config key '{key}': {limit + 1} is over the limit of {limit:,} "):
+        build_config({key: limit + 1})
+
+
+def test_the_seed_must_fit_in_64_bits() -> None:
+    assert build_config({"seed": (1 << 63) - 1}).seed == (1 << 63) - 1
+    with pytest.raises(ConfigError, match="'seed': must fit in 64 bits"):
+        build_config({"seed": 1 << 63})

@@ -217,10 +217,37 @@ def _coerce(key: str, value: Any, from_string: bool) -> Any:
     return value
 
 
+#: upper bounds on the sizes a config can ask for (a Flower run config is another party's input, and a typo
+#: such as num_clients=100000000 should be a clear error, not an exhausted machine): key -> (limit, what it bounds)
+LIMITS: dict[str, tuple[int, str]] = {
+    "num_clients": (10_000, "clients (one partition each)"),
+    "rounds": (100_000, "rounds"),
+    "image_size": (4_096, "pixels per side"),
+    "train_samples": (10_000_000, "training images (0 = all)"),
+    "test_samples": (10_000_000, "test images (0 = all)"),
+    "batch_size": (65_536, "images per batch"),
+    "local_epochs": (1_000, "local epochs per round"),
+    "head_epochs": (1_000, "head epochs per warm-up round"),
+    "masked_blocks": (1_000, "masked blocks"),
+    "downlink_history": (1_000, "theta versions kept for the downlink (each holds N floats)"),
+    "min_partition_size": (1_000_000, "images per client at least"),
+    "qsgd_levels": (65_535, "quantisation levels"),
+    "qsgd_bucket": (1 << 24, "values per QSGD bucket"),
+    "rotation_block": (1 << 26, "values per rotation block"),
+    "lora_rank": (4_096, "LoRA rank"),
+    "eval_every": (100_000, "rounds between evaluations"),
+    "cache_ram_mb": (1 << 30, "MiB of prefix cache"),
+}
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r}: {msg}")
+
+    for key, (limit, what) in LIMITS.items():
+        need(getattr(cfg, key) <= limit, key, f"{getattr(cfg, key)} is over the limit of {limit:,} {what}")
+    need(abs(cfg.seed) < 1 << 63, "seed", "must fit in 64 bits")
 
     need(cfg.method in METHOD_NAMES, "method", f"unknown method {cfg.method!r}; valid: {', '.join(sorted(METHOD_NAMES))}")
     from .codecs import available_codecs

@@ -17,3 +17,23 @@ def failure_kind(e: BaseException) -> str:
     subclasses, the node worker's ``WorkerError``), bounded to :data:`CLIENT_FAILURE_KINDS`."""
     kind = getattr(e, "kind", "error")
     return kind if kind in CLIENT_FAILURE_KINDS else "error"
+
+
+#: the most characters of another party's text (a client's error, a node's refusal reason) that a run keeps
+MAX_REASON_CHARS = 2000
+
+
+def _printable(s: str) -> str:
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+
+
+def bounded_text(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters of the original: control characters
+    (newlines, terminal escapes) are escaped as ``\\n``, ``\\xNN``, ``\\uNNNN``, so another party's text
+    cannot forge a log line or drive a terminal; a longer text keeps its first and last ``limit / 2``
+    characters (what failed, and the exception at the end of a traceback) and says how much was left out."""
+    s = str(text)
+    if len(s) <= limit:
+        return _printable(s)
+    half = limit // 2
+    return f"{_printable(s[:half])} [... {len(s) - 2 * half:,} characters left out ...] {_printable(s[-half:])}"

@@ -292,11 +292,42 @@ def test_a_reply_for_an_empty_partition_is_rejected() -> None:
     from deltamask.methods import Reply
     from deltamask.run.round import screen_replies
 
-    exp = SimpleNamespace(client_sizes=[5, 0])
+    exp = SimpleNamespace(client_sizes=[5, 0], method=SimpleNamespace(max_reply_bytes=lambda: 100))
     good, bad = screen_replies(exp, [Reply(0, b"", 5, {}), Reply(1, b"", 0, {}), Reply(2, b"", 1, {}), Reply(0, b"", 5, {"x": 10**400})])
     assert [r.client_id for r in good] == [0]
     assert [(f.client, f.kind) for f in bad] == [(1, "rejected"), (2, "rejected"), (0, "rejected")]
     assert "empty" in bad[0].reason and "outside" in bad[1].reason
+
+
+def test_the_reply_size_cap_at_its_edge_in_the_driver() -> None:
+    """Issue 22: a reply's payload may hold at most the method's max_reply_bytes(); one byte more is rejected."""
+    from types import SimpleNamespace
+
+    from deltamask.methods import Reply
+    from deltamask.run.round import screen_replies
+
+    exp = SimpleNamespace(client_sizes=[5, 5], method=SimpleNamespace(max_reply_bytes=lambda: 100))
+    good, bad = screen_replies(exp, [Reply(0, bytes(100), 5, {}), Reply(1, bytes(101), 5, {})])
+    assert [r.client_id for r in good] == [0]
+    assert [(f.client, f.kind) for f in bad] == [(1, "rejected")] and "payload of 101 bytes, over the cap of 100" in bad[0].reason
+
+
+def test_every_builtin_uplink_codec_fits_the_reply_cap_at_its_worst() -> None:
+    """The cap (64 bits per masked scalar and head parameter, plus framing) leaves every built-in codec's
+    worst case inside it: an index codec naming all N positions, a mask codec against adverse probabilities,
+    an array codec on random floats."""
+    from deltamask.codecs import available_codecs
+    from deltamask.methods.base import REPLY_OVERHEAD_BYTES
+
+    n = 20_000
+    rng = np.random.default_rng(0)
+    sizes = {name: len(get_codec(name).encode(np.arange(n, dtype=np.int64), n)) for name in available_codecs("indices")}
+    sizes.update({name: len(get_codec(name).encode(rng.random(n) < 0.5, np.full(n, 1e-6))) for name in available_codecs("mask")})
+    sizes.update({name: len(get_codec(name).encode(rng.normal(size=n).astype(np.float32))) for name in available_codecs("array") if name != "i64"})
+    assert len(sizes) >= 15
+    for name, size in sizes.items():
+        assert size <= 8 * n + REPLY_OVERHEAD_BYTES, (name, size / n)
+    assert max(sizes.values()) > 2 * n  # the cap is not vacuous: fuse16 and f32 take more than 2 bytes per scalar
 
 
 @pytest.mark.parametrize("codec", ["fuse8", "fuse8-4w", "ans"])

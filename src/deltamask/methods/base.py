@@ -26,6 +26,7 @@ from ..codecs import codec_of, get_codec
 from ..codecs.bundle import join_bundle, parts_by_kind, split_bundle  # noqa: F401 - re-exported: methods frame replies with them
 from ..codecs.container import CodecError
 from ..config import Config
+from ..errors import bounded_text
 from ..model.masking import MaskedNetwork
 from ..fl.aggregation import ServerState, init_state
 
@@ -97,6 +98,8 @@ class Failure:
     def __post_init__(self) -> None:
         if self.kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {self.kind!r}; valid: {', '.join(FAILURE_KINDS)}")
+        # the reason often quotes another party (a node's error text): one printable, bounded line
+        object.__setattr__(self, "reason", bounded_text(self.reason))
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"client": self.client, "reason": self.reason, "kind": self.kind}
@@ -133,6 +136,10 @@ class Aggregation:
     skipped: bool = False  # fewer than min_replies good replies: the state was left alone
     #: per-client statistics of the good replies (bits, bpp, codec, bound_bits, ...)
     clients: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: bytes a reply may hold beyond 64 bits per masked scalar and head parameter: codec headers, containers, the bundle
+REPLY_OVERHEAD_BYTES = 64 * 1024
 
 
 class Method(ABC):
@@ -207,6 +214,15 @@ class Method(ABC):
 
     def uses_masks(self) -> bool:
         return False
+
+    def max_reply_bytes(self) -> int:
+        """The most bytes a reply of this method may hold; a longer one is refused before it is copied or
+        decoded (issue 22). Derived from N and the head: 64 bits for every masked scalar and every head
+        parameter (no built-in uplink codec sends more: an index codec coding every one of the N positions
+        takes at most 2.5 bytes each (fuse16), float32 takes 4, top-k at ratio 1 an index and a value), plus
+        :data:`REPLY_OVERHEAD_BYTES` for headers and framing. A plug-in method sending more overrides it."""
+        c, d = self.net.head.weight.shape
+        return 8 * (self.n + c * (d + 1)) + REPLY_OVERHEAD_BYTES
 
     # --- head helpers ------------------------------------------------------------------------------
     def encode_head(self, weight: np.ndarray, bias: np.ndarray) -> bytes:

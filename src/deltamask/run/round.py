@@ -142,6 +142,10 @@ def screen_replies(exp: Experiment, replies: list[Reply]) -> tuple[list[Reply], 
                 raise Rejected(f"client id {r.client_id} is outside [0, {len(sizes)})")
             if sizes[r.client_id] <= 0:
                 raise Rejected(f"client {r.client_id}'s partition is empty: it cannot have trained")
+            cap = exp.method.max_reply_bytes()
+            if len(r.payload) > cap:
+                raise Rejected(f"payload of {len(r.payload):,} bytes, over the cap of {cap:,} (64 bits per masked scalar and "
+                               "head parameter, plus framing)")
             screen_reply(r.client_id, r.num_samples, r.metrics, sizes[r.client_id])
         except Exception as e:  # noqa: BLE001 - anything a reply carries that does not check out rejects it
             why = str(e) if isinstance(e, Rejected) else f"{type(e).__name__}: {e}"
@@ -389,6 +393,7 @@ def _run_rounds(exp: Experiment, transport: Transport, out: Path, *, resume: boo
     for warning in stability_warnings(cfg):
         log.warning("%s", warning)
     try:
+        transport.max_reply_bytes = method.max_reply_bytes()
         transport.start()
         for rnd in range(state.round + 1, cfg.rounds + 1):
             rec = last = _one_round(exp, transport, state, rnd, out, records)

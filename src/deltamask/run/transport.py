@@ -35,6 +35,11 @@ class Exchange:
 class Transport(ABC):
     """Moves one round's bytes between the server and the selected clients."""
 
+    #: the most bytes a reply's payload may hold (set by the round driver from the method before
+    #: :meth:`start`); a transport that receives bytes from other machines refuses a longer one before
+    #: copying it, as a ``rejected`` failure. None: no limit known.
+    max_reply_bytes: int | None = None
+
     #: the engine's name, written in ``summary.json``
     name: str = "?"
 

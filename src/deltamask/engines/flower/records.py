@@ -63,8 +63,19 @@ def pack_payload(payload: bytes, meta: dict[str, Any] | None = None, small: int 
     return content
 
 
-def unpack_payload(content: RecordDict) -> bytes:
-    """The payload bytes of a message packed by :func:`pack_payload`; RecordError if malformed."""
+class PayloadTooLarge(RecordError):
+    """A payload longer than the receiver's cap (checked before the bytes are copied)."""
+
+
+def _check_size(n: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and n > max_bytes:
+        raise PayloadTooLarge(f"payload of {n:,} bytes, over the cap of {max_bytes:,} (64 bits per masked scalar and head "
+                              "parameter, plus framing)")
+
+
+def unpack_payload(content: RecordDict, max_bytes: int | None = None) -> bytes:
+    """The payload bytes of a message packed by :func:`pack_payload`; RecordError if malformed,
+    :class:`PayloadTooLarge` if longer than ``max_bytes`` (checked before the copy)."""
     if PAYLOAD_KEY not in content:
         raise RecordError(f"message holds no {PAYLOAD_KEY!r} record (keys: {sorted(content.keys())})")
     rec = content[PAYLOAD_KEY]
@@ -72,6 +83,7 @@ def unpack_payload(content: RecordDict) -> bytes:
         data = rec.get("payload")
         if not isinstance(data, bytes):
             raise RecordError(f"{PAYLOAD_KEY!r} ConfigRecord has no bytes 'payload' (got {type(data).__name__})")
+        _check_size(len(data), max_bytes)
         return data
     if isinstance(rec, ArrayRecord):
         arr = rec.get("payload")
@@ -81,6 +93,7 @@ def unpack_payload(content: RecordDict) -> bytes:
             raise RecordError(f"payload array has stype {arr.stype!r}, expected {STYPE_PREFIX}...{STYPE_SUFFIX}")
         if arr.dtype != "uint8" or tuple(arr.shape) != (len(arr.data),):
             raise RecordError(f"payload array claims dtype {arr.dtype} shape {tuple(arr.shape)} for {len(arr.data)} bytes")
+        _check_size(len(arr.data), max_bytes)
         return bytes(arr.data)
     raise RecordError(f"{PAYLOAD_KEY!r} is a {type(rec).__name__}, expected ConfigRecord or ArrayRecord")
 

@@ -50,11 +50,11 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from ...config import Config
-from ...errors import CLIENT_FAILURE_KINDS, RunFailed
+from ...errors import CLIENT_FAILURE_KINDS, RunFailed, bounded_text
 from ...methods import Failure, Reply
 from ...run.transport import Exchange, Transport
 from .client_app import METRICS_KEY
-from .records import META_KEY, RecordError, pack_payload, record_bytes, unpack_meta, unpack_payload, wire_bytes
+from .records import META_KEY, PayloadTooLarge, RecordError, pack_payload, record_bytes, unpack_meta, unpack_payload, wire_bytes
 from .settings import FlowerSettings, config_hash
 
 log = logging.getLogger("deltamask")
@@ -203,6 +203,7 @@ class FlowerTransport(Transport):
             self.client_of[nid] = cid
 
     def _refuse(self, nid: int, reason: str, claimed: Any = None, bound_node: int | None = None) -> None:
+        reason = bounded_text(reason)  # it may quote the node: one printable, bounded line
         self.refused[nid] = reason
         if claimed is not None and (type(claimed) is not int):
             claimed = repr(claimed)[:80]  # what the node sent, JSON-safe
@@ -279,11 +280,13 @@ class FlowerTransport(Transport):
                     continue
                 if int(meta.get("round", -1)) != round_ or int(meta.get("client-id", -1)) != cid:
                     raise RecordError(f"reply is for round {meta.get('round')} client {meta.get('client-id')}")
-                payload = unpack_payload(reply.content)
+                payload = unpack_payload(reply.content, self.max_reply_bytes)
                 metrics = reply.content.get(METRICS_KEY)
                 ex.replies[cid] = Reply(cid, payload, int(meta["num-samples"]), {k: float(v) for k, v in (metrics or {}).items()})
+            except PayloadTooLarge as e:
+                ex.failures[cid] = Failure(cid, f"rejected reply: {e}", "rejected", nid)
             except Exception as e:  # noqa: BLE001 - whatever a node sends, one reply never ends the run
-                ex.failures[cid] = Failure(cid, f"reply does not unpack: {type(e).__name__}: {e}"[:500], "transport", nid)
+                ex.failures[cid] = Failure(cid, f"reply does not unpack: {type(e).__name__}: {e}", "transport", nid)
         ex.fields = {
             "flower_downlink_record_bytes": fl_rec,
             "flower_uplink_record_bytes": up_rec,
