@@ -189,6 +189,32 @@ def test_npz_missing_file(tmp_path: Path) -> None:
         load_dataset(f"npz:{tmp_path / 'nope.npz'}")
 
 
+def test_npz_array_size_limit_at_its_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22: an npz array larger than the limit is refused from its header, before it is loaded."""
+    import deltamask.data.sources as src
+
+    x = np.zeros((10, 4, 4), np.uint8)  # 160 bytes
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 2)
+    monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 160)
+    assert len(load_dataset(f"npz:{tmp_path / 'd.npz'}", test_fraction=0.2).x_train) == 8
+    monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 159)
+    with pytest.raises(DataError, match=r"array 'x' declares shape \(10, 4, 4\) of uint8 = 160 bytes, over the limit of 159"):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_npz_header_claiming_a_huge_array_is_refused_before_loading(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10**7, 1000, 1000)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as zf:
+        zf.writestr("x.npy", buf.getvalue())  # a header, no data: np.load would try to allocate 10 TB
+        zf.writestr("y.npy", b"")
+    with pytest.raises(DataError, match=r"array 'x' declares shape \(10000000, 1000, 1000\) of uint8 = 10,000,000,000,000 bytes"):
+        load_dataset(f"npz:{tmp_path / 'bomb.npz'}")
+
+
 def test_npz_object_array_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "o.npz", x=np.zeros((2, 2, 2), np.uint8), y=np.array([0, "a"], dtype=object))
     with pytest.raises(DataError, match="object arrays"):
@@ -255,8 +281,78 @@ def test_folder_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad" / "cls" / "x.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a png")
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match=r"1 of 1 image files cannot be used .*x.png: cannot be read: UnidentifiedImageError"):
         load_dataset(f"folder:{tmp_path / 'bad'}")
+
+
+def _png_bomb(path: Path, w: int, h: int) -> None:
+    """A PNG whose header claims w x h pixels (a few dozen bytes on disk): what a decompression bomb shows PIL."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_folder_skips_and_records_unreadable_files_and_bombs(tmp_path: Path, stream: bool) -> None:
+    """Issue 22: one bad file no longer aborts a folder: run; it is skipped and named in ``skipped``."""
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        for i in range(4):
+            _write_png(root / c / f"{i}.png", (8, 8), 30 * i)
+    (root / "a" / "junk.png").write_bytes(b"not a png")
+    _png_bomb(root / "b" / "bomb.png", 100_000, 100_000)
+    ds = load_dataset(f"folder:{root}", seed=0, test_fraction=0.25, stream=stream)
+    assert len(ds.x_train) + len(ds.x_test) == 8
+    assert sorted(Path(s.split(": ")[0]).name for s in ds.skipped) == ["bomb.png", "junk.png"]
+    bomb = next(s for s in ds.skipped if "bomb.png" in s)
+    assert "decompression bomb" in bomb
+    assert np.asarray(ds.x_train).shape[1:] == (8, 8, 3)
+
+
+def test_folder_pixel_limit_at_its_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deltamask.data.sources as src
+
+    monkeypatch.setattr(src, "MAX_IMAGE_PIXELS", 80)
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        for i in range(3):
+            _write_png(root / c / f"{i}.png", (10, 8), 30 * i)  # 80 pixels: at the limit, kept
+    _write_png(root / "a" / "big.png", (9, 9), 1)  # 81 pixels: one past it
+    ds = load_dataset(f"folder:{root}", seed=0, test_fraction=0.34)
+    assert len(ds.x_train) + len(ds.x_test) == 6
+    assert len(ds.skipped) == 1 and "big.png: 9x9 pixels, over the limit of 80" in ds.skipped[0]
+
+
+def test_folder_fails_when_too_few_images_remain(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for i in range(2):
+        _write_png(root / "a" / f"{i}.png", (4, 4), i)
+        _write_png(root / "b" / f"{i}.png", (4, 4), i)
+        (root / "b" / f"bad{i}.png").write_bytes(b"x")
+    ds = load_dataset(f"folder:{root}", test_fraction=0.5)  # 2 of 6 bad: fine
+    assert len(ds.skipped) == 2
+    for i in range(2, 4):
+        (root / "b" / f"bad{i}.png").write_bytes(b"x")  # 4 of 8 bad: exactly half, still fine
+    assert len(load_dataset(f"folder:{root}", test_fraction=0.5).skipped) == 4
+    (root / "a" / "bad9.png").write_bytes(b"x")  # 5 of 9: more than half
+    with pytest.raises(DataError, match=r"5 of 9 image files cannot be used \(more than 50%\)"):
+        load_dataset(f"folder:{root}", test_fraction=0.5)
+
+
+def test_folder_a_class_left_empty_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for i in range(6):
+        _write_png(root / "a" / f"{i}.png", (4, 4), i)
+    (root / "b").mkdir()
+    (root / "b" / "only.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="no usable image left in class 'b'"):
+        load_dataset(f"folder:{root}", test_fraction=0.5)
 
 
 # -------------------------------------------------------------------------- hf

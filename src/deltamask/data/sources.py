@@ -14,14 +14,17 @@ only by the code paths that need them (``hf:`` specs and :func:`partition`).
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+log = logging.getLogger("deltamask")
 
 __all__ = [
     "DATASET_FORMS",
@@ -67,6 +70,14 @@ class DataError(Exception):
     """User-facing data problem; message says what was wrong and how to fix it."""
 
 
+#: an image file with more pixels than this is skipped as a decompression bomb (PIL's own default limit)
+MAX_IMAGE_PIXELS = 89_478_485
+#: a ``folder:`` data set fails when more than this fraction of its image files cannot be read
+MAX_SKIPPED_FRACTION = 0.5
+#: an ``npz:`` array larger than this (as its header declares, before it is read) is refused
+MAX_NPZ_ARRAY_BYTES = 8 << 30
+
+
 def _forms_text() -> str:
     return "\n".join("  " + form for form in DATASET_FORMS)
 
@@ -86,6 +97,8 @@ class ImageDataset:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
+    #: image files left out because they could not be read or are decompression bombs: "path: why"
+    skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Catch layout mistakes at construction instead of deep inside training.
@@ -222,10 +235,11 @@ def _stratified_split(
 
 
 def _split_dataset(
-    name: str, x: np.ndarray, y: np.ndarray, classes: list[str], test_fraction: float, seed: int
+    name: str, x: np.ndarray, y: np.ndarray, classes: list[str], test_fraction: float, seed: int,
+    skipped: list[str] | None = None,
 ) -> ImageDataset:
     tr, te = _stratified_split(y, test_fraction, seed)
-    return ImageDataset(name, take(x, tr), y[tr], take(x, te), y[te], classes)
+    return ImageDataset(name, take(x, tr), y[tr], take(x, te), y[te], classes, list(skipped or []))
 
 
 def _stack_pil(images: Sequence[Any], names: Sequence[str], what: str) -> np.ndarray:
@@ -369,6 +383,34 @@ def _npz_labels(arr: np.ndarray, key: str, path: str) -> np.ndarray:
     return arr
 
 
+def _check_npz_sizes(p: Path) -> None:
+    """Every array of an npz file no larger than :data:`MAX_NPZ_ARRAY_BYTES`, as its ``.npy`` header
+    declares (shape x item size), read before any array is loaded: np.load would allocate it whole."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > MAX_NPZ_ARRAY_BYTES:
+                    raise DataError(
+                        f"npz:{p} array '{info.filename[:-4]}' declares shape {tuple(shape)} of {dtype} = {nbytes:,} bytes, "
+                        f"over the limit of {MAX_NPZ_ARRAY_BYTES:,}; use folder: (streamed) for a data set this large"
+                    )
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip and header errors vary; np.load below names them too
+        raise DataError(f"cannot read npz:{p}: {type(exc).__name__}: {exc}") from exc
+
+
 def _load_npz(path: str, seed: int, test_fraction: float) -> ImageDataset:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -377,6 +419,7 @@ def _load_npz(path: str, seed: int, test_fraction: float) -> ImageDataset:
             "np.savez(PATH, x=uint8 images [n,h,w(,c)], y=int labels [n]) "
             "(optionally x_test, y_test, classes)."
         )
+    _check_npz_sizes(p)
     try:
         with np.load(p, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -469,6 +512,57 @@ def _class_dirs(root: Path) -> dict[str, list[Path]]:
     return out
 
 
+def _screen_image(f: Path, decode: bool) -> tuple[Any, str | None]:
+    """(the image, loaded, when ``decode``; else its size) or (None, why it cannot be used): unreadable,
+    not an image, or more than :data:`MAX_IMAGE_PIXELS` pixels (a decompression bomb). PIL's own bomb
+    check is made an error here, not a warning."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return None, f"{w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+                if not decode:
+                    return (w, h), None
+                im.load()
+                return (im.copy() if im.mode in ("RGB", "L") else im.convert("RGB")), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"decompression bomb: {exc}"
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a damaged file
+        return None, f"cannot be read: {type(exc).__name__}: {exc}"
+
+
+def _screen_files(files: list[Path], labels: np.ndarray, classes: list[str], decode: bool, what: str) -> tuple[list[Path], np.ndarray, list[Any], list[str]]:
+    """The usable image files (and their labels, and what :func:`_screen_image` returned for each), and the
+    skipped ones as "path: why". Fails (:class:`DataError`) when more than :data:`MAX_SKIPPED_FRACTION` of
+    the files, or every file of a class, cannot be used."""
+    keep, ys, got, skipped = [], [], [], []
+    for f, lab in zip(files, labels):
+        item, why = _screen_image(f, decode)
+        if why is None:
+            keep.append(f)
+            ys.append(int(lab))
+            got.append(item)
+        else:
+            skipped.append(f"{f}: {why}")
+    if skipped:
+        log.warning("%s: skipped %d of %d image files that cannot be used, e.g. %s", what, len(skipped), len(files), skipped[0])
+    if files and len(skipped) > MAX_SKIPPED_FRACTION * len(files):
+        raise DataError(f"{what}: {len(skipped)} of {len(files)} image files cannot be used (more than "
+                        f"{MAX_SKIPPED_FRACTION:.0%}), e.g. {skipped[0]}; delete or replace them")
+    y = np.asarray(ys, np.int64)
+    empty = sorted(set(np.unique(labels).tolist()) - set(np.unique(y).tolist()))
+    if empty:
+        raise DataError(f"{what}: no usable image left in class {classes[empty[0]]!r} (e.g. {skipped[0]}); "
+                        "delete or replace the files")
+    return keep, y, got, skipped
+
+
 def _read_images(files: list[Path]) -> list[Any]:
     from PIL import Image, UnidentifiedImageError
 
@@ -503,17 +597,9 @@ def _pil_to_array(im: Any, size: tuple[int, int], name: str, what: str) -> np.nd
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _folder_source(files: list[Path], what: str) -> ImageSource:
-    """Image files streamed: sizes come from the headers now (nothing decoded), pixels when read."""
-    from PIL import Image, UnidentifiedImageError
-
-    sizes = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                sizes.append(im.size)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {f}: {exc}; delete or replace the file") from exc
+def _folder_source(files: list[Path], what: str, sizes: list[tuple[int, int]]) -> ImageSource:
+    """Image files streamed: sizes come from the headers (nothing decoded; :func:`_screen_files`), pixels
+    when read."""
     size = _common_size(sizes)
 
     def read(rows: np.ndarray) -> np.ndarray:
@@ -555,20 +641,25 @@ def _load_folder(path: str, seed: int, test_fraction: float, stream: bool = Fals
             labels += [index[c]] * len(dirs[c])
         return files, np.asarray(labels, np.int64)
 
+    what = f"folder:{root}"
     train_files, y = flatten(train_dirs)
     test_files, yt = flatten(test_dirs)
+    # unreadable files and decompression bombs are skipped and recorded (a streamed set checks headers only)
+    train_files, y, tr_got, skipped = _screen_files(train_files, y, classes, not stream, what)
+    test_files, yt, te_got, te_skipped = _screen_files(test_files, yt, classes, not stream, what) if test_files else (test_files, yt, [], [])
+    skipped += te_skipped
     all_files = train_files + test_files
     if stream:
-        src = _folder_source(all_files, f"folder:{root}")
+        src = _folder_source(all_files, what, tr_got + te_got)
         ntr = np.arange(len(train_files), dtype=np.int64)
         x, xt = src.take(ntr), src.take(len(train_files) + np.arange(len(test_files), dtype=np.int64))
     else:
-        x_all = _stack_pil(_read_images(all_files), [str(f) for f in all_files], f"folder:{root}")
+        x_all = _stack_pil(tr_got + te_got, [str(f) for f in all_files], what)
         x, xt = x_all[: len(train_files)], x_all[len(train_files):]
     name = f"folder:{root.name}"
     if has_split:
-        return ImageDataset(name, x, y, xt, yt, classes)
-    return _split_dataset(name, x, y, classes, test_fraction, seed)
+        return ImageDataset(name, x, y, xt, yt, classes, skipped)
+    return _split_dataset(name, x, y, classes, test_fraction, seed, skipped)
 
 
 # ------------------------------------------------------------------------------ hf

@@ -127,6 +127,9 @@ class Experiment:
             "prefix_cache": self.cache_where,
             "cache_dtype": self.cfg.cache_dtype,
             "masked_params": self.net.masked_names,
+            # image files the data set left out (unreadable, decompression bombs): how many, and the first few
+            "data_skipped": len(getattr(self.dataset, "skipped", [])),
+            "data_skipped_files": list(getattr(self.dataset, "skipped", []))[:10],
         }
 
 
