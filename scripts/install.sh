@@ -20,6 +20,24 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# nginx (--dev): the secure deployment's Fleet-only reverse proxy, which the deployment tests start
+# (tests/engines/flower/test_flower_secure.py; docs/flower.md, "Secure deployment"). policy-rc.d keeps the
+# package from starting a system nginx on port 80.
+if [ -n "$extras" ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    own_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+    fi
+    { apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx >/dev/null; }; } \
+      || echo "install.sh: could not apt-get install nginx; the secure deployment test will be skipped" >&2
+    if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  else
+    echo "install.sh: not root: 'apt-get install nginx' for the secure deployment test (it is skipped without it)" >&2
+  fi
+fi
+
 # torch and torchvision: keep a working pair if one is installed (GPU users bring their own build).
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
   "$PY" -m pip install -q torch torchvision

@@ -203,6 +203,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secure_files(args: argparse.Namespace) -> int:
+    """The files of docs/flower.md's secure deployment (offline; Flower has no such command)."""
+    from ...config import ConfigError
+    from .secure import SecureFilesError, secure_files
+
+    try:
+        made = secure_files(args.dir, args.nodes, args.host, listen=args.listen, superlink=args.superlink)
+    except SecureFilesError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote {len(made)} files to {args.dir}:")
+    for name, path in made.items():
+        print(f"  {name:20s} {path}")
+    print("next: docs/flower.md, 'Secure deployment' (register each nodes/node-I.pub with flwr supernode register)")
+    return 0
+
+
 def add_flower_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("flower", help="run on Flower (simulation) or write a run-config for `flwr run`")
     sub = p.add_subparsers(dest="flower_command", required=True)
@@ -228,3 +244,14 @@ def add_flower_parser(subparsers: Any) -> None:
     c = sub.add_parser("check-config", help="check a `flwr run --run-config` TOML: names an unknown key or a bad value (flwr run does not)")
     c.add_argument("file", help="the run-config TOML (kebab-case or snake_case keys)")
     c.set_defaults(func=cmd_check_config)
+
+    f = sub.add_parser("secure-files", help="make a secure deployment's files: CA, SuperLink certificate, node keys, "
+                                            "SuperExec secrets, a Fleet-only nginx proxy (docs/flower.md)")
+    f.add_argument("dir", help="a new folder (mode 0700) for the files; existing files are never overwritten")
+    f.add_argument("--nodes", type=int, required=True, help="how many SuperNode key pairs to make")
+    f.add_argument("--host", action="append", help="a name or address the SuperLink certificate is valid for "
+                   "(repeatable; default 127.0.0.1 and localhost; localhost is always added)")
+    f.add_argument("--listen", default="0.0.0.0:9092", help="HOST:PORT the proxy serves the nodes on (default 0.0.0.0:9092)")
+    f.add_argument("--superlink", default="127.0.0.1:9093",
+                   help="HOST:PORT of the SuperLink, on loopback (default 127.0.0.1:9093: flower-superlink --host 127.0.0.1 --port 9093)")
+    f.set_defaults(func=cmd_secure_files)
