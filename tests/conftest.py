@@ -36,3 +36,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _node_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Flower clients keep a per-node disk cache; in tests it lives in a temporary folder, not ~/.cache."""
     os.environ["DELTAMASK_NODE_CACHE"] = str(tmp_path_factory.mktemp("node-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flower_out_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A Flower run writes only below the server-side output root ($DELTAMASK_OUT_ROOT); the tests' run
+    folders are pytest's temporary folders, so the root is their common base."""
+    os.environ["DELTAMASK_OUT_ROOT"] = str(tmp_path_factory.getbasetemp())

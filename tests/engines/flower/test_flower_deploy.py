@@ -118,6 +118,7 @@ class Federation:
         self.node_configs = node_configs
         self.database = database
         self.procs: dict[str, subprocess.Popen] = {}
+        self.conn = "deploy"  # the flwr connection (FLWR_HOME/config.toml) the operator's commands use
         self.groups: set[int] = set()  # process groups opened by descendants (e.g. the SuperLink's superexec)
         home = tmp / "flwr-home"
         home.mkdir(exist_ok=True)
@@ -235,15 +236,15 @@ class Federation:
     def submit(self, run_config: dict[str, Any], app: Path = APP) -> int:
         rc = self.tmp / "run-config.toml"
         rc.write_text(tomli_w.dumps(run_config))
-        res = self.flwr("run", str(app), "deploy", "--run-config", str(rc))
+        res = self.flwr("run", str(app), self.conn, "--run-config", str(rc))
         assert res.get("success"), f"{res}\n{self.logs()}"
         return int(res["run-id"])
 
     def run_info(self, run_id: int) -> dict[str, Any]:
-        return self.flwr("ls", "deploy", "--run-id", str(run_id), timeout=60)["runs"][0]
+        return self.flwr("ls", self.conn, "--run-id", str(run_id), timeout=60)["runs"][0]
 
     def online_nodes(self) -> list[str]:
-        res = self.flwr("supernode", "ls", "deploy", timeout=60)
+        res = self.flwr("supernode", "ls", self.conn, timeout=60)
         return [n["node-id"] for n in res.get("nodes", []) if n.get("status") == "online"]
 
     def wait(self, run_id: int, timeout: float) -> dict[str, Any]:

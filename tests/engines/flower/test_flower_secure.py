@@ -17,6 +17,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +28,12 @@ pytest.importorskip("flwr")
 from dmtest import TINY, tiny_config  # noqa: E402
 from deltamask.engines.local import run_local  # noqa: E402
 from deltamask.run.metrics import read_jsonl  # noqa: E402
-from test_flower_deploy import Federation, free_ports, run_config, tool  # noqa: E402
+from test_flower_deploy import Federation, descendants, free_ports, killpg_hard, pgid_of, run_config, tool  # noqa: E402
 
 pytestmark = pytest.mark.flower_deploy
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "secure-federation.sh"
 
 
 class SecureFederation(Federation):
@@ -41,6 +43,7 @@ class SecureFederation(Federation):
     def __init__(self, tmp: Path, node_configs: list[str]) -> None:
         super().__init__(tmp, node_configs)
         self.sec = tmp / "secure"
+        self.conn = "secure"  # the connection scripts/secure-federation.sh adds
         self.fleet_port, = free_ports(1)
         # the command docs/flower.md gives (deltamask flower secure-files)
         r = subprocess.run([tool("deltamask"), "flower", "secure-files", str(self.sec), "--nodes", str(len(node_configs) + 1),
@@ -48,41 +51,29 @@ class SecureFederation(Federation):
                            env=self.env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         home = Path(self.env["FLWR_HOME"])
-        # the operator's connection (admin side) and, for the test, one through the nodes' port
+        # the script adds the operator's connection "secure" (admin side); the test adds one through the nodes' port
         (home / "config.toml").write_text(
-            '[superlink]\ndefault = "deploy"\n\n'
-            f'[superlink.deploy]\naddress = "127.0.0.1:{self.link_port}"\nroot-certificates = "{self.sec / "ca.crt"}"\n\n'
             f'[superlink.nodeside]\naddress = "127.0.0.1:{self.fleet_port}"\nroot-certificates = "{self.sec / "ca.crt"}"\n'
         )
 
-    def start_superlink(self) -> None:
-        s = self.sec
-        self._spawn("superlink", [tool("flower-superlink"), "--ssl-ca-certfile", str(s / "ca.crt"), "--ssl-certfile", str(s / "server.crt"),
-                                  "--ssl-keyfile", str(s / "server.key"), "--enable-supernode-auth",
-                                  "--superexec-auth-secret-file", str(s / "superexec.secret"),
-                                  "--host", "127.0.0.1", "--port", str(self.link_port), "--disable-runtime-dependency-installation"])
-        self._wait_port(self.link_port, "superlink")
+    def start_topology(self, nodes: int) -> None:
+        """SuperLink, proxy, key registration and ``nodes`` SuperNodes: scripts/secure-federation.sh, as
+        docs/flower.md gives it."""
+        env = {**self.env, "PATH": f"{Path(tool('flwr')).parent}:{self.env.get('PATH', '')}",
+               "NODE_CONFIG_EXTRA": f"cache-dir='{self.tmp / 'node-cache'}'"}
+        r = subprocess.run(["bash", str(SCRIPT), "start", str(self.sec), str(nodes), str(self.node_ports[0])], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{self.logs()}"
 
-    def start_proxy(self) -> None:
-        self._spawn("nginx", [NGINX, "-c", str(self.sec / "nginx.conf"), "-p", str(self.sec)])
-        self._wait_port(self.fleet_port, "nginx")
-
-    def _wait_port(self, port: int, name: str) -> None:
-        import socket
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                if time.time() > deadline or self.procs[name].poll() is not None:
-                    raise RuntimeError(f"{name} did not come up\n{self.logs()}") from None
-                time.sleep(0.5)
-
-    def register(self, i: int) -> None:
-        res = self.flwr("supernode", "register", str(self.sec / "nodes" / f"node-{i}.pub"), "deploy", timeout=60)
-        assert res.get("success"), res
+    def stop(self) -> None:
+        groups = set()
+        for f in self.sec.glob("*.pgid"):
+            leader = int(f.read_text())
+            groups |= {leader} | {g for g in map(pgid_of, descendants(leader)) if g is not None}
+        subprocess.run(["bash", str(SCRIPT), "stop", str(self.sec)], env=self.env, timeout=60)
+        for g in sorted(groups - {os.getpgrp()}):
+            killpg_hard(g, wait=10)
+        super().stop()
 
     def start_node(self, i: int, ca: bool = True, key: int | None = None) -> None:
         s = self.sec / "nodes"
@@ -97,7 +88,7 @@ class SecureFederation(Federation):
 
     def logs(self, tail: int = 3000) -> str:
         out = [super().logs(tail)]
-        for f in sorted(self.sec.glob("nginx-*.log")) if hasattr(self, "sec") else []:
+        for f in sorted(self.sec.glob("*.log")) if hasattr(self, "sec") else []:
             out.append(f"--- {f.name} ---\n{f.read_text(errors='replace')[-tail:]}")
         return "\n".join(out)
 
@@ -121,12 +112,7 @@ def test_secure_deployment(tmp_path) -> None:
     fed = SecureFederation(tmp_path, ["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2",
                                       "partition-id=0 num-partitions=2"])
     try:
-        fed.start_superlink()
-        fed.start_proxy()
-        fed.register(0)
-        fed.register(1)  # node 2's key is never registered
-        fed.start_node(0)
-        fed.start_node(1)
+        fed.start_topology(2)  # registers nodes 0 and 1; node 2's key is never registered
         deadline = time.time() + 120
         while len(fed.online_nodes()) < 2:
             assert time.time() < deadline, f"the registered SuperNodes did not connect\n{fed.logs()}"
@@ -142,7 +128,7 @@ def test_secure_deployment(tmp_path) -> None:
                                   text=True, timeout=120, cwd=tmp_path)
         answer = json.loads(nodeside.stdout[nodeside.stdout.index("{"):])
         assert answer.get("success") is False and "runs" not in answer, answer  # flwr itself, from the nodes' side: refused
-        assert fed.flwr("ls", "deploy", timeout=60).get("success")  # the operator's flwr works
+        assert fed.flwr("ls", "secure", timeout=60).get("success")  # the operator's flwr works
 
         # an unregistered node (its own key) and a node without the CA cannot join
         fed.start_node(2, key=2)
@@ -174,6 +160,20 @@ def test_secure_deployment(tmp_path) -> None:
         assert (out / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
         s = json.loads((out / "summary.json").read_text())
         assert s["status"] == "completed"
+
+        # a run config cannot write outside the server-side output root (DELTAMASK_OUT_ROOT, inherited by the
+        # ServerApp from the SuperLink): refused before anything is written
+        outside = Path(tempfile.mkdtemp(prefix="deltamask-outside-", dir="/var/tmp"))
+        try:
+            run_id = fed.submit(run_config(outside / "run", overwrite=True))
+            info = fed.wait(run_id, timeout=300)
+            assert info["status"] == "finished:failed", f"{info}\n{fed.logs()}"
+            assert not (outside / "run").exists()
+            log = subprocess.run([tool("flwr"), "log", str(run_id), "secure", "--show"], env=fed.env, capture_output=True,
+                                 text=True, timeout=120, cwd=tmp_path)
+            assert "outside the server's output root" in log.stdout + log.stderr, (log.stdout + log.stderr)[-3000:]
+        finally:
+            shutil.rmtree(outside, ignore_errors=True)
     finally:
         fed.stop()
         fed.wait_no_workers()

@@ -170,7 +170,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     }
     with _ray_on_loopback(), _no_processes_left(), _flwr_logs_once():
         run_simulation(
-            make_server_app(defaults),
+            make_server_app(defaults, out_root=out),  # the local user's own --out: the root is that folder
             make_client_app(defaults),
             num_supernodes=cfg.num_clients,
             backend_config=backend,
@@ -198,7 +198,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if settings.out_dir:
         from .settings import out_dir_of
 
-        out_dir_of(settings, None)  # a relative out-dir is an error here too
+        out_dir_of(settings, None, root="/")  # a relative out-dir is an error here too (the root is the server's to check)
     print(f"{args.file}: valid ({cfg.method} on {cfg.model} / {cfg.dataset}, {cfg.rounds} rounds, {cfg.num_clients} clients)")
     return 0
 

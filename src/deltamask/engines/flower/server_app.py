@@ -3,7 +3,8 @@
 The server prepares the model and the test set only (``build_experiment(cfg, clients=[])``); clients
 prepare their own partitions. The round is :func:`deltamask.run.round.run_rounds`, the same as the local
 engine's, over a :class:`~deltamask.engines.flower.transport.FlowerTransport`. Outputs land in
-``out-dir`` (absolute; default ``~/deltamask-runs/flower-RUN_ID``): ``config.json``, ``metrics.jsonl``,
+``out-dir`` (absolute, below the server-side output root ``$DELTAMASK_OUT_ROOT``, default ``~/deltamask-runs``;
+default ``ROOT/flower-RUN_ID``): ``config.json``, ``metrics.jsonl``,
 ``state.safetensors`` after every round, and at the end ``summary.json``, the plots and
 ``model.safetensors``: the same files ``deltamask run`` writes. ``resume = true`` continues the run in
 ``out-dir``; an existing run there is otherwise refused unless ``overwrite = true``.
@@ -15,6 +16,7 @@ ServerApp exits non-zero and ``flwr ls`` shows ``finished:failed``; ``summary.js
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import Context
@@ -28,24 +30,27 @@ from .transport import FlowerTransport
 log = logging.getLogger("deltamask")
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, run_id: int | None = None) -> dict[str, Any]:
-    """Run a whole deltamask experiment over ``grid``; returns the summary."""
+def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, run_id: int | None = None,
+               out_root: str | Path | None = None) -> dict[str, Any]:
+    """Run a whole deltamask experiment over ``grid``; returns the summary. ``out-dir`` must lie below
+    ``out_root`` (default: ``$DELTAMASK_OUT_ROOT``, else ``~/deltamask-runs``; see :func:`out_dir_of`)."""
     cfg, settings = resolve(run_config, defaults)
-    out = out_dir_of(settings, run_id)
+    out = out_dir_of(settings, run_id, out_root)
     progress = Progress(cfg.progress, cfg.rounds)
     exp = build_experiment(cfg, progress.say, clients=[])  # the test set only; describe() still knows the split
     transport = FlowerTransport(grid, exp.cfg, settings)
     return run_rounds(exp, transport, out, resume=settings.resume, overwrite=settings.overwrite, progress=progress)
 
 
-def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+def make_server_app(defaults: Mapping[str, Any] | None = None, out_root: str | Path | None = None) -> ServerApp:
     """A ServerApp. ``defaults`` are config keys under the run's ``run_config`` (used where Flower
-    passes none, e.g. ``run_simulation``)."""
+    passes none, e.g. ``run_simulation``); ``out_root``: the folder runs may write below (default
+    ``$DELTAMASK_OUT_ROOT``, else ``~/deltamask-runs``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context.run_config, defaults, run_id=context.run_id)
+        run_server(grid, context.run_config, defaults, run_id=context.run_id, out_root=out_root)
 
     return app
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,7 +22,7 @@ FLOWER_KEYS: dict[str, tuple[Any, str]] = ENGINE_KEYS
 
 #: the engine's settings (``EngineSettings``: one place for the keys, their defaults and help)
 FlowerSettings = EngineSettings
-__all__ = ["FLOWER_KEYS", "HASH_EXCLUDED", "FlowerSettings", "app_config_table", "config_hash", "out_dir_of", "resolve"]
+__all__ = ["FLOWER_KEYS", "HASH_EXCLUDED", "FlowerSettings", "app_config_table", "config_hash", "out_dir_of", "out_root", "resolve"]
 
 
 def resolve(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> tuple[Config, FlowerSettings]:
@@ -35,16 +36,39 @@ def resolve(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     return build_config(cfg_items, from_strings=True), settings
 
 
-def out_dir_of(settings: FlowerSettings, run_id: int | None) -> Path:
+#: the environment variable (on the SuperLink's machine) naming the folder every Flower run writes below
+OUT_ROOT_ENV = "DELTAMASK_OUT_ROOT"
+
+
+def out_root() -> Path:
+    """The server-side output root: ``$DELTAMASK_OUT_ROOT``, else ``~/deltamask-runs``."""
+    return Path(os.environ.get(OUT_ROOT_ENV) or Path.home() / "deltamask-runs").expanduser()
+
+
+def out_dir_of(settings: FlowerSettings, run_id: int | None, root: str | Path | None = None) -> Path:
     """Where the ServerApp writes: ``out-dir`` if given (it must be absolute: a relative path would
-    land wherever the SuperLink happened to start), else ``~/deltamask-runs/flower-RUN_ID``."""
+    land wherever the SuperLink happened to start), else ``ROOT/flower-RUN_ID``.
+
+    A run config is another party's input (anyone who can reach the Control API can submit one), so the
+    folder must lie below the server-side output root ``root`` (default :func:`out_root`), after every
+    symlink and ``..`` is resolved: a run config cannot make the ServerApp write, or ``overwrite`` delete,
+    anywhere else."""
+    base = Path(root) if root is not None else out_root()
     if not settings.out_dir:
-        return Path.home() / "deltamask-runs" / f"flower-{run_id if run_id is not None else 'run'}"
-    p = Path(settings.out_dir).expanduser()
-    if not p.is_absolute():
+        p = base / f"flower-{run_id if run_id is not None else 'run'}"
+    else:
+        p = Path(settings.out_dir).expanduser()
+        if not p.is_absolute():
+            raise ConfigError(
+                f"run_config key 'out-dir' = {settings.out_dir!r} is relative, so it would land wherever the SuperLink "
+                f"was started; give an absolute path below the output root {base}, e.g. out-dir=\"{base / settings.out_dir}\""
+            )
+    real, real_base = Path(os.path.realpath(p)), Path(os.path.realpath(base))
+    if real != real_base and real_base not in real.parents:
         raise ConfigError(
-            f"run_config key 'out-dir' = {settings.out_dir!r} is relative, so it would land wherever the SuperLink "
-            f"was started; give an absolute path, e.g. out-dir=\"{Path.cwd() / settings.out_dir}\""
+            f"run_config key 'out-dir' = {str(p)!r} (resolved: {real}) is outside the server's output root {real_base}: a Flower "
+            f"run config may only write below it; choose a folder under it, or start the SuperLink with {OUT_ROOT_ENV} set to a "
+            "folder that holds this one"
         )
     return p
 
