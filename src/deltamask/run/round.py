@@ -248,6 +248,9 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     summary["engine"] = engine
     summary["status"] = "failed" if failure else "completed"
     summary["client_loss"] = client_loss_of(exp.cfg)  # what client_loss=auto resolved to in this build
+    summary["clients_never_joined"] = never = never_joined(records, exp.cfg.num_clients)
+    if never:
+        log.warning("partitions %s never joined the run (no node served them in any of its %d rounds)", never, len(records))
     summary["downhill"] = downhill = downhill_report(records, exp.cfg.downhill_rounds, exp.cfg.downhill_drop)
     if downhill:
         log.warning("the run walked downhill: %s", describe_downhill(downhill))
@@ -261,6 +264,17 @@ def finish_run(out: Path, exp: Experiment, state: ServerState, started: float, e
     if refused:
         raise RunFailed(refused)
     return summary
+
+
+def never_joined(records: list[dict[str, Any]], num_clients: int) -> list[int]:
+    """Client ids that no round could select (``unavailable`` in every round's record: on Flower, a
+    partition no SuperNode served); [] when every client was available at least once."""
+    if not records:
+        return []
+    out = set(range(num_clients))
+    for r in records:
+        out &= set(r.get("unavailable", []))
+    return sorted(out)
 
 
 def describe_downhill(d: dict[str, Any]) -> str:
@@ -295,6 +309,8 @@ class Progress:
         acc = rec.get("accuracy")
         acc_s = f"acc {acc:.4f}" if acc is not None else "acc -"
         fails = f" | {len(rec['failures'])} failed" if rec["failures"] else ""
+        if rec.get("unavailable"):
+            fails += f" | partitions {rec['unavailable']} not served"
         skipped = " | no update" if rec["skipped_update"] else ""
         fall = rec.get("falling")
         if fall:
@@ -466,7 +482,8 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
     downhill report."""
     t0 = time.time()
     cfg, method = exp.cfg, exp.method
-    selected = select_clients(cfg, rnd, transport.available(rnd))
+    available = transport.available(rnd)
+    selected = select_clients(cfg, rnd, available)
     downlinks = {cid: _send(method, state, cid, rnd) for cid in selected}
     ex: Exchange = transport.exchange(rnd, downlinks)
     down_bits = {cid: 8 * len(b) for cid, b in downlinks.items()}
@@ -494,6 +511,8 @@ def _one_round(exp: Experiment, transport: Transport, state: ServerState, rnd: i
     evaluation = evaluate_global(exp, state, rnd) if (rnd % cfg.eval_every == 0 or rnd == cfg.rounds) else None
     rec = round_record(exp, rnd, selected, down_bits, replies, failures, agg, evaluation, time.time() - t0)
     rec.update(ex.fields)
+    if available is not None and len(set(available)) < cfg.num_clients:  # partitions no node serves this round
+        rec["unavailable"] = sorted(set(range(cfg.num_clients)) - set(available))
     if evaluation is not None:
         fall = falling_streak([*history, rec], cfg.downhill_rounds, cfg.downhill_drop)
         if fall:
