@@ -170,10 +170,30 @@ def test_docs_deployment_commands_have_the_flags_the_deploy_test_uses() -> None:
     assert 'out-dir = "$PWD/' in text  # absolute, one folder per run
     assert "flwr run examples/flower deploy --run-config" in text and "flwr ls deploy --run-id" in text
     assert "kill -- -$(cat supernode$i.pid)" in text and "kill -- -$(cat superlink.pid)" in text  # a SuperNode is stopped by its process group
+    assert "export DELTAMASK_OUT_ROOT=$PWD/runs" in text  # out-dir lies below the server's output root
+    assert "pkill" not in text and "cut -d' ' -f1 runs/deploy-1/.deltamask.lock" in text  # the run's own pid, not pkill -f
     doc = (Path(__file__).resolve().parents[3] / "docs" / "flower.md").read_text()
-    for words in ("--host 0.0.0.0", "resume = true", "overwrite = true", "finished:failed", "finished:completed",
+    assert 'mkdir -p "$FLWR_HOME"\ncat > "$FLWR_HOME/config.toml"' in doc  # the simulation block creates the folder it writes to
+    for words in ("--listen 0.0.0.0:9092", "resume = true", "overwrite = true", "finished:failed", "finished:completed",
                   "deltamask flower simulate --resume DIR", "--overwrite", "deltamask run --resume DIR"):
         assert words in doc, words
+
+
+def test_docs_secure_commands_are_the_scripts_and_the_tests() -> None:
+    """docs/flower.md's secure topology: the flags it shows are the ones scripts/secure-federation.sh starts
+    (which the secure deployment test runs), and it says who can reach what."""
+    root = Path(__file__).resolve().parents[3]
+    doc = (root / "docs" / "flower.md").read_text()
+    section = doc[doc.index("### Secure deployment"):doc.index("* **Where the files go**")]
+    script = (root / "scripts" / "secure-federation.sh").read_text()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--superexec-auth-secret-file",
+                 "--disable-runtime-dependency-installation", "--root-certificates", "--auth-supernode-private-key",
+                 "flwr supernode register", "nginx -c"):
+        assert flag in section and flag in script, flag
+    assert "--insecure" not in script and "--insecure" not in section.split("**The files.**")[1]
+    for words in ("deltamask flower secure-files", "scripts/secure-federation.sh start", "scripts/secure-federation.sh stop",
+                  "/v1/fleet/", "/v1/control/", "/v1/runtime/", "DELTAMASK_OUT_ROOT", "What the server learns about each client"):
+        assert words in section, words
 
 
 def test_simulate_takes_engine_keys_from_the_preset(tmp_path, monkeypatch, capsys) -> None:
@@ -185,12 +205,13 @@ def test_simulate_takes_engine_keys_from_the_preset(tmp_path, monkeypatch, capsy
     from deltamask.app.cli import main
 
     seen: list[dict] = []
-    monkeypatch.setattr(server_app, "make_server_app", lambda defaults=None: seen.append(dict(defaults)))
+    monkeypatch.setattr(server_app, "make_server_app", lambda defaults=None, out_root=None: seen.append(dict(defaults, root=str(out_root))))
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **kw: None)
     preset = tmp_path / "p.toml"
     preset.write_text(f'rounds = 2\nround-timeout = 42.0\nout-dir = "{tmp_path / "sim"}"\noverwrite = true\n')
     assert main(["flower", "simulate", "--config", str(preset)]) == 1  # no ServerApp ran: no summary
     assert "wrote no summary" in capsys.readouterr().err
     assert (seen[-1]["round-timeout"], seen[-1]["out-dir"], seen[-1]["overwrite"]) == (42.0, str(tmp_path / "sim"), True)
+    assert seen[-1]["root"] == str(tmp_path / "sim")  # the local user's own --out is the simulated ServerApp's output root
     assert main(["flower", "simulate", "--config", str(preset), "--round-timeout", "7"]) == 1
     assert seen[-1]["round-timeout"] == 7.0
