@@ -139,7 +139,7 @@ def test_every_size_limit_at_its_edge(key) -> None:
     the limit itself is accepted, one past it is refused naming the key and the limit."""
     from deltamask.config import LIMITS
 
-    limit, what = LIMITS[key]
+    limit, _ = LIMITS[key]
     assert getattr(build_config({key: limit}), key) == limit
     with pytest.raises(ConfigError, match=rf"config key '{key}': {limit + 1} is over the limit of {limit:,} "):
         build_config({key: limit + 1})
