@@ -8,12 +8,12 @@
 #   1. the SuperLink with TLS, SuperNode authentication and the SuperExec secret, on the loopback address
 #      that DIR/nginx.conf forwards to (the admin side: flwr run, flwr ls, flwr log);
 #   2. nginx with DIR/nginx.conf on the nodes' address (TLS, the Fleet API only);
-#   3. registers DIR/nodes/node-I.pub (I < NODES) through the flwr connection "secure" (added to
-#      $FLWR_HOME/config.toml, default ~/.flwr, when missing);
+#   3. registers DIR/nodes/node-I.pub (I < NODES) through the flwr connection "secure" (the section
+#      [superlink.secure] of $FLWR_HOME/config.toml, default ~/.flwr, is written for DIR; the rest is kept);
 #   4. NODES SuperNodes through nginx, SuperNode I with partition-id=I num-partitions=NODES plus
 #      $NODE_CONFIG_EXTRA (e.g. "cache-dir='/srv/cache'"), each on its own Runtime API port FIRST_NODE_PORT+I.
 # Each process runs in a session of its own: DIR/<name>.pgid holds its process group (stop kills the groups,
-# with what they spawned), DIR/<name>.log its output. The ServerApp writes only below $DELTAMASK_OUT_ROOT
+# with what they spawned, and this user's ServerApps of this SuperLink), DIR/<name>.log its output. The ServerApp writes only below $DELTAMASK_OUT_ROOT
 # (default ~/deltamask-runs): export it before start. tests/engines/flower/test_flower_secure.py runs this.
 set -euo pipefail
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
@@ -37,6 +37,10 @@ wait_port() {  # HOST PORT NAME
   exit 1
 }
 
+# the addresses, as DIR/nginx.conf has them: the SuperLink it forwards to, and where it listens for the nodes
+ADMIN=$(sed -n 's|^ *proxy_pass https://\(.*\);|\1|p' "$DIR/nginx.conf")
+LISTEN=$(sed -n 's|^ *listen \(.*\) ssl;|\1|p' "$DIR/nginx.conf")
+
 case "$cmd" in
 stop)
   for f in "$DIR"/supernode-*.pgid "$DIR"/proxy.pgid "$DIR"/superlink.pgid; do
@@ -44,6 +48,8 @@ stop)
     kill -- "-$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
   done
+  # a ServerApp runs in a session of its own and can outlive its SuperLink: this user's, of this SuperLink only
+  pkill -u "$(id -u)" -f "flwr-serverapp --runtime-api-address $ADMIN( |\$)" 2>/dev/null || true
   exit 0
   ;;
 start) ;;
@@ -52,9 +58,6 @@ esac
 
 N=${3:?NODES}
 NODE0=${4:-9094}
-# the addresses, as DIR/nginx.conf has them: the SuperLink it forwards to, and where it listens for the nodes
-ADMIN=$(sed -n 's|^ *proxy_pass https://\(.*\);|\1|p' "$DIR/nginx.conf")
-LISTEN=$(sed -n 's|^ *listen \(.*\) ssl;|\1|p' "$DIR/nginx.conf")
 FLEET_PORT=${LISTEN##*:}
 FLEET_HOST=${LISTEN%:*}
 [ "$FLEET_HOST" = "0.0.0.0" ] && FLEET_HOST=127.0.0.1
@@ -75,9 +78,10 @@ FLWR_HOME=${FLWR_HOME:-$HOME/.flwr}
 export FLWR_HOME
 mkdir -p "$FLWR_HOME"
 touch "$FLWR_HOME/config.toml"
-if ! grep -q '^\[superlink\.secure\]' "$FLWR_HOME/config.toml"; then
-  printf '\n[superlink.secure]\naddress = "%s"\nroot-certificates = "%s"\n' "$ADMIN" "$DIR/ca.crt" >> "$FLWR_HOME/config.toml"
-fi
+# (re)write the [superlink.secure] section for this folder; the rest of the file is kept
+awk 'BEGIN{skip=0} /^\[/{skip=($0=="[superlink.secure]")} !skip' "$FLWR_HOME/config.toml" > "$FLWR_HOME/config.toml.new"
+printf '\n[superlink.secure]\naddress = "%s"\nroot-certificates = "%s"\n' "$ADMIN" "$DIR/ca.crt" >> "$FLWR_HOME/config.toml.new"
+mv "$FLWR_HOME/config.toml.new" "$FLWR_HOME/config.toml"
 for i in $(seq 0 $((N - 1))); do
   flwr supernode register "$DIR/nodes/node-$i.pub" secure --format json > "$DIR/register-$i.json"
   grep -q '"success": *true' "$DIR/register-$i.json" || { cat "$DIR/register-$i.json" >&2; exit 1; }

@@ -194,11 +194,28 @@ def test_npz_array_size_limit_at_its_edge(tmp_path: Path, monkeypatch: pytest.Mo
     import deltamask.data.sources as src
 
     x = np.zeros((10, 4, 4), np.uint8)  # 160 bytes
-    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 2)
-    monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 160)
+    np.savez(tmp_path / "d.npz", x=x, y=(np.arange(10) % 2).astype(np.int8))  # + 10 bytes
+    monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 170)
     assert len(load_dataset(f"npz:{tmp_path / 'd.npz'}", test_fraction=0.2).x_train) == 8
     monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 159)
     with pytest.raises(DataError, match=r"array 'x' declares shape \(10, 4, 4\) of uint8 = 160 bytes, over the limit of 159"):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_npz_total_size_and_foreign_members_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipfile
+
+    import deltamask.data.sources as src
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 4, 4), np.uint8), y=np.arange(10) % 2)  # 160 + 80 bytes
+    monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 200)  # each fits, together they do not
+    with pytest.raises(DataError, match=r"its arrays declare 240 bytes together, over the limit of 200"):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    monkeypatch.setattr(src, "MAX_NPZ_ARRAY_BYTES", 240)  # at the limit: loads
+    assert len(load_dataset(f"npz:{tmp_path / 'd.npz'}", test_fraction=0.2).x_train) == 8
+    with zipfile.ZipFile(tmp_path / "d.npz", "a") as zf:
+        zf.writestr("bomb.bin", b"\0" * 1000)  # np.load would return it as bytes, read whole
+    with pytest.raises(DataError, match="holds 'bomb.bin', which is not a .npy array"):
         load_dataset(f"npz:{tmp_path / 'd.npz'}")
 
 

@@ -83,6 +83,24 @@ def test_a_non_finite_client_cache_is_refused(tmp_path, stopped) -> None:
     resume_fails(stopped[0], out, r"holds non-finite values \(client/\d+/")
 
 
+def test_posterior_arrays_and_history_of_the_wrong_length_are_refused(tmp_path, stopped) -> None:
+    def counts(s, c):  # noqa: ANN001, ANN202
+        s.counts = np.zeros(s.theta.size + 1, np.uint16)  # present, so N entries
+
+    out = damaged(tmp_path, stopped, counts)
+    resume_fails(stopped[0], out, r"server/counts has shape \(\d+,\), this run's config gives")
+
+
+def test_a_client_cache_of_the_wrong_shape_is_refused(tmp_path, stopped) -> None:
+    def change(s, c):  # noqa: ANN001, ANN202
+        cid = sorted(c)[0]
+        key = next(k for k in ("head_weight", "theta") if k in c[cid])
+        c[cid][key] = c[cid][key].reshape(-1)[:-1].copy()
+
+    out = damaged(tmp_path, stopped, change)
+    resume_fails(stopped[0], out, r"client/\d+/(head_weight|theta) has shape")
+
+
 def test_a_client_id_outside_the_run_is_refused(tmp_path, stopped) -> None:
     n = stopped[0].num_clients
 

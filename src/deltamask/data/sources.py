@@ -74,7 +74,8 @@ class DataError(Exception):
 MAX_IMAGE_PIXELS = 89_478_485
 #: a ``folder:`` data set fails when more than this fraction of its image files cannot be read
 MAX_SKIPPED_FRACTION = 0.5
-#: an ``npz:`` array larger than this (as its header declares, before it is read) is refused
+#: an ``npz:`` file whose arrays declare more than this (in their ``.npy`` headers, one or all together) is
+#: refused before any is read
 MAX_NPZ_ARRAY_BYTES = 8 << 30
 
 
@@ -388,11 +389,13 @@ def _check_npz_sizes(p: Path) -> None:
     declares (shape x item size), read before any array is loaded: np.load would allocate it whole."""
     import zipfile
 
+    total = 0
     try:
         with zipfile.ZipFile(p) as zf:
             for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
+                if not info.filename.endswith(".npy"):  # np.load would read such a member whole, unchecked
+                    raise DataError(f"npz:{p} holds {info.filename!r}, which is not a .npy array; save the data set with "
+                                    "np.savez(PATH, x=..., y=...)")
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
                     if version == (1, 0):
@@ -400,7 +403,11 @@ def _check_npz_sizes(p: Path) -> None:
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
                 nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-                if nbytes > MAX_NPZ_ARRAY_BYTES:
+                total += nbytes
+                if nbytes > MAX_NPZ_ARRAY_BYTES or total > MAX_NPZ_ARRAY_BYTES:
+                    if nbytes <= MAX_NPZ_ARRAY_BYTES:
+                        raise DataError(f"npz:{p}: its arrays declare {total:,} bytes together, over the limit of "
+                                        f"{MAX_NPZ_ARRAY_BYTES:,}; use folder: (streamed) for a data set this large")
                     raise DataError(
                         f"npz:{p} array '{info.filename[:-4]}' declares shape {tuple(shape)} of {dtype} = {nbytes:,} bytes, "
                         f"over the limit of {MAX_NPZ_ARRAY_BYTES:,}; use folder: (streamed) for a data set this large"

@@ -169,24 +169,33 @@ def check_loaded_state(state: ServerState, clients: dict[int, dict[str, Any]], r
 
     path = Path(directory) / STATE_FILE
     fix = "delete the output folder and start again, or restore the file"
-    for name in ("theta", "head_weight", "head_bias", "alpha", "beta", "counts"):
-        got, want = getattr(state, name), getattr(ref, name)
-        if want is None or (got is None and name in ("alpha", "beta", "counts")):
-            continue  # kept only where the method reads them
+
+    def shape_of(name: str, got: Any, want: tuple[int, ...]) -> None:
         shape = None if got is None else tuple(np.shape(got))
-        if shape != tuple(np.shape(want)):
-            raise StateError(f"run state {str(path)!r}: server/{name} has shape {shape}, this run's config gives "
-                             f"{tuple(np.shape(want))}; {fix}")
+        if shape != want:
+            raise StateError(f"run state {str(path)!r}: {name} has shape {shape}, this run's config gives {want}; {fix}")
+
+    n = tuple(np.shape(ref.theta))
+    for name in ("theta", "head_weight", "head_bias"):
+        shape_of(f"server/{name}", getattr(state, name), tuple(np.shape(getattr(ref, name))))
+    for name in ("alpha", "beta", "counts"):  # kept only where the method reads them: N entries where present
+        if getattr(state, name) is not None or getattr(ref, name) is not None:
+            shape_of(f"server/{name}", getattr(state, name), n)
     for k, want in ref.extra.items():
-        got = state.extra.get(k)
-        if got is not None and tuple(np.shape(got)) != tuple(np.shape(want)):
-            raise StateError(f"run state {str(path)!r}: extra/{k} has shape {tuple(np.shape(got))}, this run's config gives "
-                             f"{tuple(np.shape(want))}; {fix}")
+        shape_of(f"extra/{k}", state.extra.get(k), tuple(np.shape(want)))
+    for v, tv in state.theta_versions.items():
+        if tv.levels is not None:
+            shape_of(f"the theta history's levels of version {v}", tv.levels[2], n)
+    server_shapes = {k: tuple(np.shape(getattr(ref, k))) for k in ("theta", "head_weight", "head_bias")}
+    for cid, cst in clients.items():
+        for k, v in cst.items():
+            if k in server_shapes and isinstance(v, np.ndarray):
+                shape_of(f"client/{cid}/{k}", v, server_shapes[k])
     bad_ids = sorted(c for c in set(clients) | set(state.client_theta_version) | set(state.client_head_version)
                      | set(state.identities) if not 0 <= c < num_clients)
     if bad_ids:
         raise StateError(f"run state {str(path)!r} names clients {bad_ids[:5]}, outside 0..{num_clients - 1}; {fix}")
-    arrays: dict[str, Any] = {f"server/{n}": getattr(state, n) for n in ("theta", "head_weight", "head_bias", "alpha", "beta")}
+    arrays: dict[str, Any] = {f"server/{k}": getattr(state, k) for k in ("theta", "head_weight", "head_bias", "alpha", "beta")}
     arrays.update({f"extra/{k}": v for k, v in {**state.extra, **theta_versions_to_arrays(state.theta_versions)}.items()})
     for cid, cst in clients.items():
         arrays.update({f"client/{cid}/{k}": v for k, v in cst.items() if isinstance(v, np.ndarray)})

@@ -171,7 +171,8 @@ def test_docs_deployment_commands_have_the_flags_the_deploy_test_uses() -> None:
     assert "flwr run examples/flower deploy --run-config" in text and "flwr ls deploy --run-id" in text
     assert "kill -- -$(cat supernode$i.pid)" in text and "kill -- -$(cat superlink.pid)" in text  # a SuperNode is stopped by its process group
     assert "export DELTAMASK_OUT_ROOT=$PWD/runs" in text  # out-dir lies below the server's output root
-    assert "pkill" not in text and "cut -d' ' -f1 runs/deploy-1/.deltamask.lock" in text  # the run's own pid, not pkill -f
+    # the run's own pid, and only while it holds the lock (a dead run's pid may have been reused), not pkill -f
+    assert "pkill" not in text and "flock -n runs/deploy-1/.deltamask.lock true || kill" in text
     doc = (Path(__file__).resolve().parents[3] / "docs" / "flower.md").read_text()
     assert 'mkdir -p "$FLWR_HOME"\ncat > "$FLWR_HOME/config.toml"' in doc  # the simulation block creates the folder it writes to
     for words in ("--listen 0.0.0.0:9092", "resume = true", "overwrite = true", "finished:failed", "finished:completed",

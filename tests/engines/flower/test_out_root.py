@@ -50,8 +50,24 @@ def test_a_relative_out_dir_is_refused(tmp_path) -> None:
 def test_the_root_comes_from_the_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DELTAMASK_OUT_ROOT", str(tmp_path / "r"))
     assert out_root() == tmp_path / "r"
+    monkeypatch.setenv("DELTAMASK_OUT_ROOT", "runs")
+    with pytest.raises(ConfigError, match="DELTAMASK_OUT_ROOT='runs' is relative"):
+        out_root()
     monkeypatch.delenv("DELTAMASK_OUT_ROOT")
     assert out_root().name == "deltamask-runs"
+
+
+def test_a_cache_dir_outside_the_root_is_refused_on_the_server(tmp_path, monkeypatch) -> None:
+    from dmtest import TINY
+    from deltamask.engines.flower import make_client_app, run_server
+    from flower_loopback import LoopbackGrid
+
+    root = tmp_path / "root"
+    monkeypatch.setenv("DELTAMASK_OUT_ROOT", str(root))
+    defaults = {**TINY, "rounds": 1, "out-dir": str(root / "run"), "cache-dir": str(tmp_path / "elsewhere"), "prefix-cache": "disk"}
+    with pytest.raises(ConfigError, match="'cache-dir' = .* is outside the server's output root"):
+        run_server(LoopbackGrid(make_client_app(defaults), 3), {}, defaults)
+    assert not (tmp_path / "elsewhere").exists() and not (root / "run").exists()
 
 
 def test_a_run_config_writing_outside_the_root_fails_before_writing(tmp_path, monkeypatch) -> None:

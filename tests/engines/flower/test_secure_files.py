@@ -42,12 +42,19 @@ def test_the_server_certificate_chains_to_the_ca_for_the_names_asked(made) -> No
     cert = x509.load_pem_x509_certificate(files["server.crt"].read_bytes())
     cert.verify_directly_issued_by(ca)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
-    assert san.get_values_for_type(x509.DNSName) == ["server.example", "localhost"]  # localhost added for the proxy
+    # the names asked, and always loopback: the proxy, the ServerApp and an operator on the server connect there
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1", "::1"]
+    assert san.get_values_for_type(x509.DNSName) == ["server.example", "localhost"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # and openssl agrees (what TLS clients do)
-    r = subprocess.run(["openssl", "verify", "-CAfile", str(files["ca.crt"]), str(files["server.crt"])], capture_output=True, text=True)
-    assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
+    for check in (["-verify_ip", "10.0.0.5"], ["-verify_ip", "127.0.0.1"], ["-verify_hostname", "server.example"],
+                  ["-verify_hostname", "localhost"]):
+        r = subprocess.run(["openssl", "verify", *check, "-CAfile", str(files["ca.crt"]), str(files["server.crt"])],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and ": OK" in r.stdout, (check, r.stdout + r.stderr)
+    r = subprocess.run(["openssl", "verify", "-verify_ip", "10.0.0.6", "-CAfile", str(files["ca.crt"]), str(files["server.crt"])],
+                       capture_output=True, text=True)
+    assert r.returncode != 0  # and not for another address
 
 
 def test_node_keys_are_what_flower_reads(made) -> None:
@@ -70,7 +77,7 @@ def test_the_proxy_forwards_the_fleet_api_alone(made) -> None:
     assert locations == [FLEET_PREFIX, "/"] and FLEET_PREFIX == "/v1/fleet/"
     assert conf.count("proxy_pass") == 1 and "proxy_pass https://127.0.0.1:9093;" in conf
     assert "location / { return 404; }" in conf and "listen 0.0.0.0:9092 ssl;" in conf
-    assert "proxy_ssl_verify on;" in conf and f"proxy_ssl_trusted_certificate {d.resolve()}/ca.crt;" in conf
+    assert "proxy_ssl_verify on;" in conf and f'proxy_ssl_trusted_certificate "{d.resolve()}/ca.crt";' in conf
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         pytest.skip("nginx is not installed")
@@ -94,3 +101,13 @@ def test_the_cli_says_what_it_wrote_and_refuses_a_bad_count(tmp_path) -> None:
     assert r.returncode != 0 and "--nodes must be >= 1" in r.stderr
     r = subprocess.run([*cli, str(tmp_path / "x"), "--nodes", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "refusing to overwrite" in r.stderr
+
+
+def test_a_folder_with_a_space_in_its_path_works_for_nginx(tmp_path) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed")
+    d = tmp_path / "with space" / "sec"
+    files = secure_files(d, 1)
+    r = subprocess.run([nginx, "-t", "-c", str(files["nginx.conf"]), "-p", str(d)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -5,8 +5,8 @@ flwr), everything docs/flower.md's secure topology needs:
 
 * ``ca.crt`` / ``ca.key`` -- a certificate authority of this federation (keep ``ca.key`` offline after use);
 * ``server.crt`` / ``server.key`` -- the SuperLink's TLS certificate, for the names and addresses the nodes
-  and the operator use (``--host``, repeatable; default ``127.0.0.1`` and ``localhost``); the reverse proxy
-  serves the same certificate to the nodes;
+  use (``--host``, repeatable) and always ``127.0.0.1``, ``::1`` and ``localhost`` (the proxy, the ServerApp
+  and an operator on the server reach the SuperLink there); the reverse proxy serves the same certificate;
 * ``nodes/node-I.key`` / ``nodes/node-I.pub`` -- each SuperNode's authentication key pair (ECDSA P-384,
   OpenSSH format, as ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register``
   read them);
@@ -122,32 +122,32 @@ def nginx_conf(directory: Path, listen: str, superlink: str, server_name: str = 
     the docs) is answered 404 by nginx itself and never reaches the SuperLink."""
     d = directory.resolve()
     return f"""# deltamask flower secure-files: a Fleet-only reverse proxy in front of the SuperLink (Flower 1.42)
-# run: nginx -c {d}/nginx.conf -p {d}     stop: nginx -c {d}/nginx.conf -p {d} -s quit
+# run: nginx -c "{d}/nginx.conf" -p "{d}"     stop: nginx -c "{d}/nginx.conf" -p "{d}" -s quit
 daemon off;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
+pid "{d}/nginx.pid";
+error_log "{d}/nginx-error.log" warn;
 worker_processes 1;
 events {{ worker_connections 256; }}
 http {{
-    access_log {d}/nginx-access.log;
-    client_body_temp_path {d}/nginx-tmp;
-    proxy_temp_path {d}/nginx-tmp;
-    fastcgi_temp_path {d}/nginx-tmp;
-    uwsgi_temp_path {d}/nginx-tmp;
-    scgi_temp_path {d}/nginx-tmp;
+    access_log "{d}/nginx-access.log";
+    client_body_temp_path "{d}/nginx-tmp";
+    proxy_temp_path "{d}/nginx-tmp";
+    fastcgi_temp_path "{d}/nginx-tmp";
+    uwsgi_temp_path "{d}/nginx-tmp";
+    scgi_temp_path "{d}/nginx-tmp";
     server_tokens off;
     # a bound on what one request may carry (Flower sends objects in chunks of a few MB)
     client_max_body_size 64m;
     server {{
         listen {listen} ssl;
-        ssl_certificate {d}/server.crt;
-        ssl_certificate_key {d}/server.key;
+        ssl_certificate "{d}/server.crt";
+        ssl_certificate_key "{d}/server.key";
         ssl_protocols TLSv1.2 TLSv1.3;
         # the SuperNodes' API, and nothing else
         location {FLEET_PREFIX} {{
             proxy_pass https://{superlink};
             proxy_http_version 1.1;
-            proxy_ssl_trusted_certificate {d}/ca.crt;
+            proxy_ssl_trusted_certificate "{d}/ca.crt";
             proxy_ssl_verify on;
             proxy_ssl_name {server_name};
             proxy_ssl_server_name on;
@@ -173,11 +173,13 @@ def secure_files(directory: str | Path, nodes: int, hosts: list[str] | None = No
 
     if nodes < 1:
         raise SecureFilesError(f"--nodes must be >= 1, got {nodes}")
-    hosts = list(hosts or ["127.0.0.1", "localhost"])
-    if "localhost" not in hosts:
-        hosts.append("localhost")  # the proxy verifies the SuperLink under this name
+    hosts = list(hosts or [])
+    # loopback names always: the proxy, the ServerApp the SuperLink starts and an operator on the server (or through
+    # an SSH tunnel) all reach the SuperLink at 127.0.0.1 and check the certificate for it
+    hosts += [h for h in ("127.0.0.1", "::1", "localhost") if h not in hosts]
     d = Path(directory)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
     (d / "nodes").mkdir(mode=0o700, exist_ok=True)
     (d / "nginx-tmp").mkdir(mode=0o700, exist_ok=True)
     pem = serialization.Encoding.PEM

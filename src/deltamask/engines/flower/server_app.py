@@ -24,7 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...run.experiment import build_experiment
 from ...run.round import Progress, run_rounds
-from .settings import out_dir_of, resolve
+from .settings import check_below_root, out_dir_of, resolve
+from .settings import out_root as default_root
 from .transport import FlowerTransport
 
 log = logging.getLogger("deltamask")
@@ -36,6 +37,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     ``out_root`` (default: ``$DELTAMASK_OUT_ROOT``, else ``~/deltamask-runs``; see :func:`out_dir_of`)."""
     cfg, settings = resolve(run_config, defaults)
     out = out_dir_of(settings, run_id, out_root)
+    if cfg.cache_dir:  # the disk prefix cache is written on the server too: below the root like the run folder
+        check_below_root("cache-dir", cfg.cache_dir, out_root if out_root is not None else default_root())
     progress = Progress(cfg.progress, cfg.rounds)
     exp = build_experiment(cfg, progress.say, clients=[])  # the test set only; describe() still knows the split
     transport = FlowerTransport(grid, exp.cfg, settings)

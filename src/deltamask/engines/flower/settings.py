@@ -41,8 +41,25 @@ OUT_ROOT_ENV = "DELTAMASK_OUT_ROOT"
 
 
 def out_root() -> Path:
-    """The server-side output root: ``$DELTAMASK_OUT_ROOT``, else ``~/deltamask-runs``."""
-    return Path(os.environ.get(OUT_ROOT_ENV) or Path.home() / "deltamask-runs").expanduser()
+    """The server-side output root: ``$DELTAMASK_OUT_ROOT`` (absolute), else ``~/deltamask-runs``."""
+    root = Path(os.environ.get(OUT_ROOT_ENV) or Path.home() / "deltamask-runs").expanduser()
+    if not root.is_absolute():
+        raise ConfigError(f"{OUT_ROOT_ENV}={str(root)!r} is relative (it would depend on where the ServerApp starts); "
+                          "set it to an absolute folder on the SuperLink's machine")
+    return root
+
+
+def check_below_root(key: str, path: str | Path, root: str | Path) -> Path:
+    """``path`` (absolute, symlinks and ``..`` resolved) must lie in ``root``; else :class:`ConfigError`."""
+    p = Path(path).expanduser()
+    real, real_base = Path(os.path.realpath(p)), Path(os.path.realpath(root))
+    if real != real_base and real_base not in real.parents:
+        raise ConfigError(
+            f"run_config key {key!r} = {str(p)!r} (resolved: {real}) is outside the server's output root {real_base}: a Flower "
+            f"run config may only write below it; choose a folder under it, or start the SuperLink with {OUT_ROOT_ENV} set to a "
+            "folder that holds this one"
+        )
+    return p
 
 
 def out_dir_of(settings: FlowerSettings, run_id: int | None, root: str | Path | None = None) -> Path:
@@ -63,14 +80,7 @@ def out_dir_of(settings: FlowerSettings, run_id: int | None, root: str | Path | 
                 f"run_config key 'out-dir' = {settings.out_dir!r} is relative, so it would land wherever the SuperLink "
                 f"was started; give an absolute path below the output root {base}, e.g. out-dir=\"{base / settings.out_dir}\""
             )
-    real, real_base = Path(os.path.realpath(p)), Path(os.path.realpath(base))
-    if real != real_base and real_base not in real.parents:
-        raise ConfigError(
-            f"run_config key 'out-dir' = {str(p)!r} (resolved: {real}) is outside the server's output root {real_base}: a Flower "
-            f"run config may only write below it; choose a folder under it, or start the SuperLink with {OUT_ROOT_ENV} set to a "
-            "folder that holds this one"
-        )
-    return p
+    return check_below_root("out-dir", p, base)
 
 
 def config_hash(cfg: Config) -> str:
