@@ -26,7 +26,7 @@ from dmtest import TINY  # noqa: E402
 from deltamask.config import Config  # noqa: E402
 from deltamask.engines.flower import make_client_app, run_server  # noqa: E402
 from deltamask.engines.flower.records import META_KEY  # noqa: E402
-from deltamask.engines.flower.settings import FlowerSettings, config_hash  # noqa: E402
+from deltamask.engines.flower.settings import FlowerSettings  # noqa: E402
 from deltamask.engines.flower.transport import FlowerTransport  # noqa: E402
 from deltamask.run.metrics import read_jsonl  # noqa: E402
 from flower_loopback import InProcessGrid, LoopbackGrid  # noqa: E402

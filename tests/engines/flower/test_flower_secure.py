@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from dmtest import TINY, tiny_config  # noqa: E402
+from dmtest import tiny_config  # noqa: E402
 from deltamask.engines.local import run_local  # noqa: E402
 from deltamask.run.metrics import read_jsonl  # noqa: E402
 from test_flower_deploy import Federation, descendants, free_ports, killpg_hard, pgid_of, run_config, tool  # noqa: E402
