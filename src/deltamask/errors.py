@@ -19,6 +19,14 @@ def failure_kind(e: BaseException) -> str:
     return kind if kind in CLIENT_FAILURE_KINDS else "error"
 
 
+def oversize_reason(size: int, cap: int | None) -> str | None:
+    """Why a reply payload of ``size`` bytes is refused under ``cap`` (the method's ``max_reply_bytes``);
+    None when it fits or no cap is known. One wording for every place that checks it."""
+    if cap is None or size <= cap:
+        return None
+    return f"payload of {size:,} bytes, over the cap of {cap:,} (64 bits per masked scalar and head parameter, plus framing)"
+
+
 #: the most characters of another party's text (a client's error, a node's refusal reason) that a run keeps
 MAX_REASON_CHARS = 2000
 

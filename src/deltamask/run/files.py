@@ -48,41 +48,39 @@ def _fresh_tmp(path: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def save_atomic(path: str | Path, writer: Callable[[str], None]) -> Path:
-    """``writer(tmp_name)`` writes the file's content to a fresh temporary name beside ``path``; it is then
-    synced and moved over ``path`` (replacing a symlink there, never following it)."""
+def _replace_atomically(path: str | Path, fill: Callable[[int, str], None]) -> Path:
+    """``fill(fd, tmp_name)`` writes the content of a fresh temporary file beside ``path`` (through the
+    descriptor or by name); the file is then synced through the descriptor :func:`_fresh_tmp` opened and
+    moved over ``path`` (replacing a symlink there, never following it). A failure removes the temporary."""
     p = Path(path)
     fd, tmp = _fresh_tmp(p)
-    os.close(fd)
     try:
-        writer(str(tmp))
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fill(fd, str(tmp))
+        os.fsync(fd)
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
     return p
+
+
+def save_atomic(path: str | Path, writer: Callable[[str], None]) -> Path:
+    """``writer(tmp_name)`` writes the file's content to a fresh temporary name beside ``path`` (for writers
+    that take a file name: safetensors, matplotlib); then as :func:`_replace_atomically`."""
+    return _replace_atomically(path, lambda fd, tmp: writer(tmp))
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically, without following a symlink there."""
-    p = Path(path)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = _fresh_tmp(p)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def fill(fd: int, tmp: str) -> None:
+        with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+
+    return _replace_atomically(path, fill)
 
 
 def append_line(path: str | Path, line: str) -> None:

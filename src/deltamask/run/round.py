@@ -31,7 +31,7 @@ import torch
 from ..fl import seeding
 from ..fl.training import evaluate
 from ..config import RESUME_OVERRIDABLE, Config, ConfigError, build_config, client_loss_of, from_sources, parse_sets, stability_warnings
-from ..errors import RunFailed
+from ..errors import RunFailed, oversize_reason
 from .experiment import Experiment
 from .files import RunLock, clean_stale_tmp, remove_entry, write_atomic
 from ..methods import Aggregation, Failure, Reply
@@ -39,7 +39,7 @@ from ..methods.base import record_sent
 from ..fl.robust import Rejected, nonfinite_fields, screen_reply
 from .metrics import append_jsonl, downhill_report, falling_streak, read_jsonl, summarize, truncate_metrics, write_json
 from ..fl.aggregation import ServerState
-from .state import STATE_FILE, StateError, check_loaded_state, load_state, save_state
+from .state import STATE_FILE, StateError, check_loaded_state, load_state, save_state, server_arrays
 from .transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
@@ -136,16 +136,16 @@ def screen_replies(exp: Experiment, replies: list[Reply]) -> tuple[list[Reply], 
     good: list[Reply] = []
     bad: list[Failure] = []
     sizes = exp.client_sizes
+    cap = exp.method.max_reply_bytes()
     for r in replies:
         try:
             if not 0 <= r.client_id < len(sizes):
                 raise Rejected(f"client id {r.client_id} is outside [0, {len(sizes)})")
             if sizes[r.client_id] <= 0:
                 raise Rejected(f"client {r.client_id}'s partition is empty: it cannot have trained")
-            cap = exp.method.max_reply_bytes()
-            if len(r.payload) > cap:
-                raise Rejected(f"payload of {len(r.payload):,} bytes, over the cap of {cap:,} (64 bits per masked scalar and "
-                               "head parameter, plus framing)")
+            too_large = oversize_reason(len(r.payload), cap)
+            if too_large:
+                raise Rejected(too_large)
             screen_reply(r.client_id, r.num_samples, r.metrics, sizes[r.client_id])
         except Exception as e:  # noqa: BLE001 - anything a reply carries that does not check out rejects it
             why = str(e) if isinstance(e, Rejected) else f"{type(e).__name__}: {e}"
@@ -158,10 +158,7 @@ def screen_replies(exp: Experiment, replies: list[Reply]) -> tuple[list[Reply], 
 def check_state_finite(state: ServerState, rnd: int) -> None:
     """A NaN or infinity in the server state ends the run loudly (it would be broadcast and written as the
     model): :class:`RunFailed` names the arrays."""
-    arrays: dict[str, Any] = {"theta": state.theta, "head_weight": state.head_weight, "head_bias": state.head_bias,
-                              "alpha": state.alpha, "beta": state.beta}
-    arrays.update({f"extra/{k}": v for k, v in state.extra.items()})
-    bad = nonfinite_fields(arrays)
+    bad = nonfinite_fields(server_arrays(state))
     if bad:
         raise RunFailed(f"round {rnd} left non-finite values in the server state ({', '.join(bad[:5])}); the model is not "
                         "written: check the clients' replies in metrics.jsonl and the robust options (clip_factor, robust_mean)")

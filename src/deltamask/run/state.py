@@ -160,6 +160,14 @@ def load_state(directory: str | Path) -> tuple[ServerState, dict[int, dict[str, 
     return state, clients, meta["config"], str(meta.get("engine", "local"))
 
 
+def server_arrays(state: ServerState) -> dict[str, Any]:
+    """The server state's arrays by name (``alpha`` / ``beta`` None where not kept), ``extra/`` ones
+    included: what the finiteness checks read."""
+    arrays: dict[str, Any] = {k: getattr(state, k) for k in ("theta", "head_weight", "head_bias", "alpha", "beta")}
+    arrays.update({f"extra/{k}": v for k, v in state.extra.items()})
+    return arrays
+
+
 def check_loaded_state(state: ServerState, clients: dict[int, dict[str, Any]], ref: ServerState, num_clients: int,
                        directory: str | Path) -> None:
     """A resumed state must be one this run could have written: every server array of the shape a fresh
@@ -176,8 +184,9 @@ def check_loaded_state(state: ServerState, clients: dict[int, dict[str, Any]], r
             raise StateError(f"run state {str(path)!r}: {name} has shape {shape}, this run's config gives {want}; {fix}")
 
     n = tuple(np.shape(ref.theta))
-    for name in ("theta", "head_weight", "head_bias"):
-        shape_of(f"server/{name}", getattr(state, name), tuple(np.shape(getattr(ref, name))))
+    server_shapes = {k: tuple(np.shape(getattr(ref, k))) for k in ("theta", "head_weight", "head_bias")}
+    for name, want in server_shapes.items():
+        shape_of(f"server/{name}", getattr(state, name), want)
     for name in ("alpha", "beta", "counts"):  # kept only where the method reads them: N entries where present
         if getattr(state, name) is not None or getattr(ref, name) is not None:
             shape_of(f"server/{name}", getattr(state, name), n)
@@ -186,7 +195,6 @@ def check_loaded_state(state: ServerState, clients: dict[int, dict[str, Any]], r
     for v, tv in state.theta_versions.items():
         if tv.levels is not None:
             shape_of(f"the theta history's levels of version {v}", tv.levels[2], n)
-    server_shapes = {k: tuple(np.shape(getattr(ref, k))) for k in ("theta", "head_weight", "head_bias")}
     for cid, cst in clients.items():
         for k, v in cst.items():
             if k in server_shapes and isinstance(v, np.ndarray):
@@ -195,8 +203,8 @@ def check_loaded_state(state: ServerState, clients: dict[int, dict[str, Any]], r
                      | set(state.identities) if not 0 <= c < num_clients)
     if bad_ids:
         raise StateError(f"run state {str(path)!r} names clients {bad_ids[:5]}, outside 0..{num_clients - 1}; {fix}")
-    arrays: dict[str, Any] = {f"server/{k}": getattr(state, k) for k in ("theta", "head_weight", "head_bias", "alpha", "beta")}
-    arrays.update({f"extra/{k}": v for k, v in {**state.extra, **theta_versions_to_arrays(state.theta_versions)}.items()})
+    arrays: dict[str, Any] = {k if k.startswith("extra/") else f"server/{k}": v for k, v in server_arrays(state).items()}
+    arrays.update({f"extra/{k}": v for k, v in theta_versions_to_arrays(state.theta_versions).items()})
     for cid, cst in clients.items():
         arrays.update({f"client/{cid}/{k}": v for k, v in cst.items() if isinstance(v, np.ndarray)})
     bad = nonfinite_fields(arrays)

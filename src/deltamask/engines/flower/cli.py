@@ -250,7 +250,7 @@ def add_flower_parser(subparsers: Any) -> None:
     f.add_argument("dir", help="a new folder (mode 0700) for the files; existing files are never overwritten")
     f.add_argument("--nodes", type=int, required=True, help="how many SuperNode key pairs to make")
     f.add_argument("--host", action="append", help="a name or address the SuperLink certificate is valid for "
-                   "(repeatable; default 127.0.0.1 and localhost; localhost is always added)")
+                   "(repeatable; 127.0.0.1, ::1 and localhost are always added)")
     f.add_argument("--listen", default="0.0.0.0:9092", help="HOST:PORT the proxy serves the nodes on (default 0.0.0.0:9092)")
     f.add_argument("--superlink", default="127.0.0.1:9093",
                    help="HOST:PORT of the SuperLink, on loopback (default 127.0.0.1:9093: flower-superlink --host 127.0.0.1 --port 9093)")

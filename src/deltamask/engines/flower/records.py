@@ -68,9 +68,11 @@ class PayloadTooLarge(RecordError):
 
 
 def _check_size(n: int, max_bytes: int | None) -> None:
-    if max_bytes is not None and n > max_bytes:
-        raise PayloadTooLarge(f"payload of {n:,} bytes, over the cap of {max_bytes:,} (64 bits per masked scalar and head "
-                              "parameter, plus framing)")
+    from ...errors import oversize_reason  # light: no torch
+
+    why = oversize_reason(n, max_bytes)
+    if why:
+        raise PayloadTooLarge(why)
 
 
 def unpack_payload(content: RecordDict, max_bytes: int | None = None) -> bytes:

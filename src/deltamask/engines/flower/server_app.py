@@ -36,9 +36,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     """Run a whole deltamask experiment over ``grid``; returns the summary. ``out-dir`` must lie below
     ``out_root`` (default: ``$DELTAMASK_OUT_ROOT``, else ``~/deltamask-runs``; see :func:`out_dir_of`)."""
     cfg, settings = resolve(run_config, defaults)
-    out = out_dir_of(settings, run_id, out_root)
+    root = Path(out_root) if out_root is not None else default_root()
+    out = out_dir_of(settings, run_id, root)
     if cfg.cache_dir:  # the disk prefix cache is written on the server too: below the root like the run folder
-        check_below_root("cache-dir", cfg.cache_dir, out_root if out_root is not None else default_root())
+        check_below_root("cache-dir", cfg.cache_dir, root)
     progress = Progress(cfg.progress, cfg.rounds)
     exp = build_experiment(cfg, progress.say, clients=[])  # the test set only; describe() still knows the split
     transport = FlowerTransport(grid, exp.cfg, settings)
