@@ -254,3 +254,42 @@ def test_flower_simulate_passes_the_keys_and_refuses_a_missing_library_before_ra
     n = len(seen)
     assert main(["flower", "simulate", *sets, "--out", str(tmp_path / "sim2")]) == 2
     assert "pip install 'deltamask[tracking]'" in capsys.readouterr().err and len(seen) == n
+
+
+def _watch_block() -> list[str]:
+    """The commands of README.md's first bash block under "## Watch a run" (comments dropped)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("\n## Watch a run"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[: block.index("\n```")]
+    return [ln.split("#")[0].strip() for ln in block.splitlines() if ln.split("#")[0].strip()]
+
+
+def test_readme_watch_a_run_example(tmp_path, monkeypatch) -> None:
+    """Run the README example's deltamask commands (on the tiny setup: the README's own --set win), then read
+    what the `tensorboard --logdir` and `mlflow ui --backend-store-uri` lines point at with the trackers'
+    readers: one run, every round once, across the resume."""
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+
+    from deltamask.app.cli import main
+
+    cmds = [shlex.split(c) for c in _watch_block()]
+    assert cmds[0][:2] == ["pip", "install"] and "deltamask[tracking]" in cmds[0]
+    monkeypatch.chdir(tmp_path)  # the example's relative paths land here
+    tiny = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    runs = [c for c in cmds if c[0] == "deltamask"]
+    assert [c[1] for c in runs] == ["run", "run"] and "--resume" in runs[1]
+    for c in runs:
+        assert main(c[1:] if "--resume" in c else [c[1], *tiny, *c[2:]]) == 0, c
+    tb = next(c for c in cmds if c[0] == "tensorboard")
+    ui = next(c for c in cmds if c[:2] == ["mlflow", "ui"])
+    out = Path(runs[0][runs[0].index("--out") + 1])
+    rounds = int(runs[1][-1].split("=")[1])
+    want = expected(out, "accuracy")
+    assert [s for s, _ in want] == list(range(1, rounds + 1))
+    assert close(tb_scalars(Path(tb[tb.index("--logdir") + 1]))["accuracy"], want)
+    client = MlflowClient(ui[ui.index("--backend-store-uri") + 1])
+    (run,) = client.search_runs([client.get_experiment_by_name("deltamask").experiment_id])
+    assert run.info.status == "FINISHED" and close(history(client, run.info.run_id, "accuracy"), want)
