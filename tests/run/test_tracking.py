@@ -78,6 +78,18 @@ def test_the_tracking_key() -> None:
     assert {"tracking", "tracking_dir", "tracking_experiment"} <= RESUME_OVERRIDABLE
 
 
+def test_round_metrics_of_a_record() -> None:
+    rec = {"round": 4, "accuracy": 0.5, "loss": 1.25, "train_loss": float("nan"), "uplink_bpp": 0.25, "downlink_bpp": 1.0,
+           "uplink_bits": 800, "downlink_bits": 1600, "seconds": 2.0, "num_aggregated": 2, "skipped_update": False,
+           "failures": [{"client": 1, "kind": "rejected"}, {"client": 2, "kind": "timeout"}, {"client": 3, "kind": "rejected"}],
+           "clients": [{"client": 0, "clipped": 0.5}, {"client": 4}], "sampled_accuracy": None}
+    assert round_metrics(rec) == {
+        "accuracy": 0.5, "loss": 1.25, "uplink_bpp": 0.25, "downlink_bpp": 1.0, "total_bpp": 1.25, "seconds": 2.0,
+        "num_aggregated": 2.0, "uplink_bytes": 100.0, "downlink_bytes": 200.0, "total_bytes": 300.0, "failures": 3.0,
+        "rejected": 2.0, "clipped": 1.0, "skipped_update": 0.0,
+    }  # absent, None and non-finite values are left out
+
+
 @pytest.mark.parametrize("module", ["mlflow", "tensorboard", "sqlalchemy"])
 def test_a_missing_library_is_refused_before_anything_runs(tmp_path, monkeypatch, module) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
@@ -235,6 +247,8 @@ def test_flower_server_app_tracks_through_its_run_config(tmp_path, monkeypatch) 
         run_server(LoopbackGrid(make_client_app(defaults), 3), {"tracking": "tensorboard", "tracking-dir": "/tmp/elsewhere",
                                                                 "out-dir": str(tmp_path / "f2")}, defaults)
     assert not (tmp_path / "f2").exists()
+    with pytest.raises(ConfigError, match="'tracking-dir' = 'rel' is relative"):
+        run_server(LoopbackGrid(make_client_app(defaults), 3), {"tracking-dir": "rel", "out-dir": str(tmp_path / "f2")}, defaults)
 
 
 def test_flower_simulate_passes_the_keys_and_refuses_a_missing_library_before_ray(tmp_path, monkeypatch, capsys) -> None:

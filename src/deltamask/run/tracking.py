@@ -40,8 +40,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import Config, ConfigError, trackers_of
 from .files import write_atomic
@@ -306,7 +307,7 @@ class Tracking:
                 continue
             opened.append(t)
         tracking = cls(out, opened, saved)
-        for t in list(opened):
+        for t in tuple(opened):  # a copy: a tracker that fails leaves tracking.trackers (this very list)
             missed = [r for r in records if r.get("round", 0) > t.logged]
             for rec in missed:
                 if not tracking._call(t, "log round", lambda t=t, rec=rec: t.log_round(rec["round"], round_metrics(rec))):
@@ -339,8 +340,8 @@ class Tracking:
             try:
                 if t.name == "tensorboard":
                     t.writer.close()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as close_error:  # noqa: BLE001 - it failed already; closing is best effort
+                log.debug("tracking: closing %s after its failure: %s", t.name, close_error)
             return False
 
     def _save(self) -> None:

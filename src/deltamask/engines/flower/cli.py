@@ -164,6 +164,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         prepare_out(out, overwrite=False)  # refuse a folder holding a run before Ray starts
     timeout = args.round_timeout if args.round_timeout is not None else engine.get("round_timeout", FLOWER_KEYS["round-timeout"][0])
     defaults = {**cfg.to_dict(), "out-dir": str(out), "round-timeout": timeout, "resume": bool(args.resume), "overwrite": overwrite}
+    if cfg.tracking_dir:  # the ServerApp takes absolute folders only (below --out, its output root here)
+        defaults["tracking_dir"] = str(Path(cfg.tracking_dir).expanduser().resolve())
     stale = out / "summary.json"
     started = time.time()
     backend = {
