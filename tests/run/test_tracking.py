@@ -307,3 +307,37 @@ def test_readme_watch_a_run_example(tmp_path, monkeypatch) -> None:
     client = MlflowClient(ui[ui.index("--backend-store-uri") + 1])
     (run,) = client.search_runs([client.get_experiment_by_name("deltamask").experiment_id])
     assert run.info.status == "FINISHED" and close(history(client, run.info.run_id, "accuracy"), want)
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_flower_simulate_tracks_a_run(tmp_path) -> None:
+    """`deltamask flower simulate` as a user runs it (Ray; about 50 s on 2 cores): one tracked run per tracker."""
+    pytest.importorskip("flwr")
+    import os
+    import signal
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-c", "from deltamask.app.cli import entry; entry()", "flower", "simulate", "--config",
+           str(root / "examples" / "flower" / "tiny.toml"), "--set", "rounds=2", "--set", "tracking=tensorboard,mlflow",
+           "--out", str(tmp_path / "out")]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root / "src"), os.environ.get("PYTHONPATH", "")) if p)}
+    with (tmp_path / "output.txt").open("w") as f:
+        p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            p.wait(timeout=600)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    output = (tmp_path / "output.txt").read_text(errors="replace")
+    assert p.returncode == 0, output[-5000:]
+    out = tmp_path / "out"
+    client, run = mlflow_run(out)
+    assert run.info.status == "FINISHED" and run.data.tags["deltamask.engine"] == "flower"
+    for key in ("accuracy", "total_bytes"):
+        assert close(history(client, run.info.run_id, key), expected(out, key))
+        assert close(tb_scalars(out / "tensorboard")[key], expected(out, key))
+    assert "model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id)}
