@@ -209,6 +209,7 @@ class _MLflow:
             try:
                 run = self.client.get_run(run_id)
                 self.run_id, self.experiment_id = run_id, run.info.experiment_id
+                self.experiment = self.client.get_experiment(self.experiment_id).name  # a resumed run stays where it was
                 self.reopened = True
             except Exception as e:  # noqa: BLE001 - a store that lost the run: start a new one (backfilled)
                 log.warning("tracking: MLflow run %s is not in %s (%s); starting a new run with every round", run_id, self.uri, e)
