@@ -79,7 +79,7 @@ def test_every_field_says_what_it_changes_and_the_key_sets_follow() -> None:
         _f(1, "x")  # a field must say what it changes: no default effect
     assert set(EFFECTS) == {"data", "result", "length", "storage", "engine", "report"}
     # pinned: a key moved to another effect changes the Flower config hash, what resume accepts or the node cache
-    report = {"progress", "max_skipped_rounds", "downhill_rounds", "downhill_drop"}
+    report = {"progress", "max_skipped_rounds", "downhill_rounds", "downhill_drop", "tracking", "tracking_dir", "tracking_experiment"}
     assert HASH_EXCLUDED == report | {"device"}
     assert RESUME_OVERRIDABLE == report | {"device", "rounds"}
     assert keys_with("storage") == {"cache_ram_mb", "prefix_cache", "cache_dir"}

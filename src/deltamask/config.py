@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 _MASK = ("deltamask", "fedpm")
 _WEIGHT = ("fedavg", "qsgd", "signsgd", "topk", "drive", "eden", "lora")
 BUILTIN_METHODS = (*_MASK, "linear-probe", *_WEIGHT)
+#: the trackers ``tracking=`` names (comma-separated; ``none`` alone = off)
+TRACKERS = ("tensorboard", "mlflow")
 
 #: What a key changes: every :class:`Config` field says it in its metadata (``effect``), and the key sets
 #: that used to be kept by hand are derived from it (:data:`HASH_EXCLUDED`, :data:`RESUME_OVERRIDABLE`,
@@ -123,6 +125,10 @@ class Config:
     eval_every: int = _f(1, "evaluate the global model every this many rounds (and always at the last)", effect="result")
     eval_sampled: bool = _f(True, "also report accuracy with one sampled mask", effect="result")
     progress: bool = _f(True, "print a progress line per round to stderr", effect="report")
+    # --- experiment tracking (run/tracking.py; README "Watch a run"; pip install 'deltamask[tracking]') ---
+    tracking: str = _f("none", "log each round's metrics, the config and the end artifacts to a tracker: none, tensorboard, mlflow, or both comma-separated (tensorboard,mlflow); metrics.jsonl stays the record", effect="report")
+    tracking_dir: str = _f("", "where the trackers write: empty = the run folder (OUT/tensorboard, MLflow store OUT/mlruns); a folder shared by several runs holds TRACKING_DIR/tensorboard/RUN_FOLDER_NAME and one MLflow store TRACKING_DIR/mlruns (Flower: below the server's output root)", effect="report")
+    tracking_experiment: str = _f("", "MLflow experiment the run is logged in (empty = deltamask; deltamask compare: the suite's title)", effect="report")
     # --- baselines --- (weight-training baselines: fedavg, qsgd, signsgd, topk, drive, eden, lora; docs/baselines.md)
     weight_lr: float = _f(1e-4, "Adam learning rate of the trained weights / LoRA adapters in the weight-training baselines", methods=_WEIGHT, effect="result")
     qsgd_levels: int = _f(4, "QSGD: quantisation levels s per sign, 1..1024 (Alistarh et al. 2017)", methods=("qsgd",), effect="result")
@@ -240,6 +246,22 @@ LIMITS: dict[str, tuple[int, str]] = {
 }
 
 
+def trackers_of(value: str) -> tuple[str, ...]:
+    """The trackers a ``tracking`` value names, in :data:`TRACKERS` order: ``none`` (or empty) = (),
+    else a comma-separated list of ``tensorboard`` and ``mlflow`` (spaces and case ignored). Anything else
+    raises :class:`ConfigError`."""
+    names = [n.strip().lower() for n in value.split(",")] if value.strip() else ["none"]
+    if names == ["none"]:
+        return ()
+    bad = [n for n in names if n not in TRACKERS]
+    if bad or len(set(names)) != len(names):
+        raise ConfigError(
+            f"config key 'tracking': {value!r} is not a tracker list; use none, tensorboard, mlflow or tensorboard,mlflow"
+            + (f" ({', '.join(repr(b) for b in bad)} unknown)" if bad else " (a tracker named twice)")
+        )
+    return tuple(t for t in TRACKERS if t in names)
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -295,6 +317,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.clip_factor == 0 or cfg.clip_factor >= 1.0, "clip_factor", "must be 0 (off) or >= 1 (a multiple of the round's median norm)")
     need(0.0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
     need(cfg.max_abs_param > 0, "max_abs_param", "must be > 0")
+    trackers_of(cfg.tracking)  # raises naming the key
 
 
 def build_config(

@@ -28,6 +28,11 @@ With ``seeds``, ``comparison.md`` first gives one row per run with the mean and 
 deviation over its seeds (accuracy claims are means over seeds with their spread), then every seed's
 row; the plot shows the means with the accuracy's standard deviation as error bars.
 
+With ``tracking`` set (in ``[base]`` or a run), every member is one tracked run, named after it, in one MLflow
+experiment named after the suite's title, and TensorBoard log dirs side by side under ``OUT/tracking/tensorboard``
+(:func:`tracked_config`; README "Watch a run"). A member finished before tracking was turned on is skipped as
+before, so it is not tracked.
+
 Uplink bpp in the table is the mean over the *training* rounds (after the head warm-up, where the
 methods differ); the mean over all rounds and the downlink mean (all rounds) are reported beside it.
 """
@@ -122,11 +127,26 @@ def _read_suite(path: str | Path) -> tuple[str, list[tuple[str, Config]], list[i
     return str(data.get("title", p.stem)), out, seeds
 
 
+#: the tracking keys: a suite may turn tracking on or off between invocations without orphaning its runs
+TRACKING_KEYS = ("tracking", "tracking_dir", "tracking_experiment")
+
+
+def tracked_config(cfg: Config, out: Path, title: str) -> Config:
+    """A member's config with the suite's tracking defaults: a tracked suite logs every member into one
+    MLflow experiment named after the suite (``tracking_experiment``) and one root (``tracking_dir`` =
+    ``OUT/tracking``: TensorBoard log dirs side by side, ``tracking/tensorboard/NAME``, one MLflow store
+    ``tracking/mlruns``); each tracked run is named after its member (``NAME`` or ``NAME-sSEED``)."""
+    if cfg.tracking.strip().lower() in ("", "none"):
+        return cfg
+    return cfg.replace(tracking_dir=cfg.tracking_dir or str((out / "tracking").resolve()),
+                       tracking_experiment=cfg.tracking_experiment or title)
+
+
 def _same_config(saved: dict[str, Any], cfg: Config) -> bool:
     """Same run config, ignoring progress/device. A key the saved config lacks (a run made before the key
     existed) counts as equal when this config leaves it at its default, so adding a config key does not
     orphan finished runs."""
-    ignore = {"progress", "device"}
+    ignore = {"progress", "device", *TRACKING_KEYS}  # where a run is watched is not what it computed
     defaults = json.loads(json.dumps(Config().to_dict()))
     a = {k: v for k, v in saved.items() if k not in ignore}
     b = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ignore}
@@ -342,7 +362,7 @@ def run_suite(suite: str | Path, out_dir: str | Path, only: list[str] | None = N
     rows = []
     for name, cfg in runs:
         t0 = time.time()
-        what = run_one(name, cfg, out / "runs" / name, log)
+        what = run_one(name, tracked_config(cfg, out, title), out / "runs" / name, log)
         row = collect_row(name, out / "runs" / name, cfg.seed if seeded else None)
         rows.append(row)
         log(

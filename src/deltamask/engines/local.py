@@ -23,6 +23,7 @@ from ..run.experiment import Experiment, build_experiment
 from ..errors import failure_kind
 from ..methods import ClientContext, ClientData, ClientFailure, Failure, Reply
 from ..run.round import Progress, resume_config, run_rounds
+from ..run.tracking import require as require_tracking
 from ..run.transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
@@ -102,6 +103,7 @@ def run_local(
     after that round without finishing it (to test resume). ``overwrite=False`` refuses an output
     folder that already holds a run (the CLI's default for a named ``--out``). ``round_timeout``:
     drop a client whose update takes longer (seconds; None: no limit)."""
+    require_tracking(cfg)  # before the experiment is built: a missing tracker library costs nothing
     progress = Progress(cfg.progress, cfg.rounds)
     exp = experiment or build_experiment(cfg, progress.say)
     transport = LocalTransport(exp, fault, round_timeout)

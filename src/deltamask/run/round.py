@@ -40,12 +40,15 @@ from ..fl.robust import Rejected, nonfinite_fields, screen_reply
 from .metrics import append_jsonl, downhill_report, falling_streak, read_jsonl, summarize, truncate_metrics, write_json
 from ..fl.aggregation import ServerState
 from .state import STATE_FILE, StateError, check_loaded_state, load_state, save_state, server_arrays
+from .tracking import TRACKING_DIRS, TRACKING_FILE, Tracking, require as require_tracking
 from .transport import Exchange, Transport
 
 log = logging.getLogger("deltamask")
 
-#: files a run writes; a fresh run refuses a folder holding any of them unless asked to overwrite
-RUN_FILES = ("metrics.jsonl", STATE_FILE, "summary.json", "model.safetensors", "config.json", "accuracy.png", "bpp.png")
+#: files a run writes; a fresh run refuses a folder holding any of them unless asked to overwrite (the trackers'
+#: folders in the run folder too: an overwritten run's events must not mix with the new run's)
+RUN_FILES = ("metrics.jsonl", STATE_FILE, "summary.json", "model.safetensors", "config.json", "accuracy.png", "bpp.png",
+             TRACKING_FILE, *TRACKING_DIRS)
 
 
 # --- selection, evaluation, records --------------------------------------------------------------
@@ -389,6 +392,7 @@ def _run_rounds(exp: Experiment, transport: Transport, out: Path, *, resume: boo
     started = time.time()
     cfg, method = exp.cfg, exp.method
     progress = progress or Progress(cfg.progress, cfg.rounds)
+    require_tracking(cfg)  # a tracker's missing library is refused before the folder is touched
     if resume:
         state, records = _resume(exp, transport, out)
         progress.say(f"resuming after round {state.round}")
@@ -405,12 +409,31 @@ def _run_rounds(exp: Experiment, transport: Transport, out: Path, *, resume: boo
     )
     for warning in stability_warnings(cfg):
         log.warning("%s", warning)
+    tracking = Tracking.open(cfg, out, records, resume, transport.name, progress.say)
+    status = None  # the tracked run's end: None (stopped, interrupted: it stays RUNNING), FINISHED or FAILED
+    try:
+        summary = _drive(exp, transport, out, state, records, streak, any_update, last, started, stop_after, progress, tracking)
+        status = "FINISHED" if summary.get("status") == "completed" else None
+        return summary
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:
+        tracking.end(status)
+
+
+def _drive(exp: Experiment, transport: Transport, out: Path, state: ServerState, records: list[dict[str, Any]], streak: int,
+           any_update: bool, last: dict[str, Any] | None, started: float, stop_after: int | None, progress: Progress,
+           tracking: Tracking) -> dict[str, Any]:
+    """The rounds, then :func:`finish_run`; each round is tracked once its line and state are written."""
+    cfg, method = exp.cfg, exp.method
     try:
         transport.max_reply_bytes = method.max_reply_bytes()
         transport.start()
         for rnd in range(state.round + 1, cfg.rounds + 1):
             rec = last = _one_round(exp, transport, state, rnd, out, records)
             records.append(rec)
+            tracking.log_round(rec)
             progress.round_done(rec)
             streak = streak + 1 if rec["skipped_update"] else 0
             any_update = any_update or not rec["skipped_update"]

@@ -153,15 +153,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation  # imports Ray only once a simulation starts
 
     from ...run.round import prepare_out, run_target
+    from ...run.tracking import require as require_tracking
     from .client_app import make_client_app
     from .server_app import make_server_app
 
     cfg, out, overwrite, engine = run_target(args.config, args.set, args.out, args.resume, args.overwrite, "runs/flower")
     out = out.resolve()
+    require_tracking(cfg)  # a missing tracker library is said before Ray starts
     if not args.resume and not overwrite:
         prepare_out(out, overwrite=False)  # refuse a folder holding a run before Ray starts
     timeout = args.round_timeout if args.round_timeout is not None else engine.get("round_timeout", FLOWER_KEYS["round-timeout"][0])
     defaults = {**cfg.to_dict(), "out-dir": str(out), "round-timeout": timeout, "resume": bool(args.resume), "overwrite": overwrite}
+    if cfg.tracking_dir:  # the ServerApp takes absolute folders only (below --out, its output root here)
+        defaults["tracking_dir"] = str(Path(cfg.tracking_dir).expanduser().resolve())
     stale = out / "summary.json"
     started = time.time()
     backend = {

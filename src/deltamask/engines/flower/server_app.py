@@ -22,8 +22,10 @@ from typing import Any, Mapping
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from ...config import ConfigError
 from ...run.experiment import build_experiment
 from ...run.round import Progress, run_rounds
+from ...run.tracking import require as require_tracking
 from .settings import check_below_root, out_dir_of, resolve
 from .settings import out_root as default_root
 from .transport import FlowerTransport
@@ -40,6 +42,12 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     out = out_dir_of(settings, run_id, root)
     if cfg.cache_dir:  # the disk prefix cache is written on the server too: below the root like the run folder
         check_below_root("cache-dir", cfg.cache_dir, root)
+    if cfg.tracking_dir:  # the trackers write there (and a fresh TensorBoard run hides what its log dir held)
+        if not Path(cfg.tracking_dir).expanduser().is_absolute():
+            raise ConfigError(f"run_config key 'tracking-dir' = {cfg.tracking_dir!r} is relative, so it would land wherever the "
+                              f"SuperLink was started; give an absolute folder below the output root {root}")
+        check_below_root("tracking-dir", cfg.tracking_dir, root)
+    require_tracking(cfg)  # a missing tracker library fails the run before the model and data are built
     progress = Progress(cfg.progress, cfg.rounds)
     exp = build_experiment(cfg, progress.say, clients=[])  # the test set only; describe() still knows the split
     transport = FlowerTransport(grid, exp.cfg, settings)
