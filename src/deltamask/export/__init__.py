@@ -21,7 +21,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .core import FORMATS, ExportError, ExportResult, Run, Written, baked_model, open_run, prepare_out, reference_logits, verification_batch, write_export
+from .core import FORMATS, ExportError, ExportResult, Run, Written, bake, open_run, reference_model, prepare_out, reference_logits, verification_batch, write_export
 from .mask_format import MASK_FILE, base_digest, check_maskable, load_mask_export
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "export_run", "load_mask_export", "base_digest", "MASK_FILE"]
@@ -49,12 +49,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, ove
         ["deltamask", "export", shlex.quote(str(run_dir)), "--format", fmt]
         + (["--out", shlex.quote(str(out))] if out else []) + (["--overwrite"] if overwrite else [])
     )
-    ref = baked_model(run) if fmt != "mask" else None
-    from .core import reference_model
-
     mine = reference_model(run)  # deltamask's own model: the reference logits
     batch = verification_batch(run, mine)
     want = reference_logits(mine, batch)
+    ref = bake(mine) if fmt != "mask" else None  # the mask format keeps the masked weights' bases (their digest)
 
     def write(tmp: Path) -> Written:
         if fmt == "mask":

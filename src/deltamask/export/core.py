@@ -110,14 +110,14 @@ def reference_model(run: Run) -> Any:
     return ft
 
 
-def baked_model(run: Run) -> Any:
-    """A fresh copy of the run's model whose masked weights are plain tensors ``(W + dW) * m`` (the final
-    mask, and a weight baseline's delta, applied once): the zoo model underneath (``net.backbone.root``)
-    then has its own parameter names and no deltamask parametrization."""
+def bake(ft: Any) -> Any:
+    """Turn ``ft``'s masked weights, in place, into plain tensors ``(W + dW) * m`` (the final mask, and a weight
+    baseline's delta, applied once): the zoo model underneath (``net.backbone.root``) then has its own parameter
+    names and no deltamask parametrization. Returns ``ft``."""
     from torch.nn.utils import parametrize
 
-    ft = reference_model(run)
     net = ft.net
+    net.use_fixed_mask(ft.mask)
     root = net.backbone.root
     with torch.no_grad():
         for name in net.masked_names:

@@ -10,11 +10,13 @@ The batch axis is dynamic, the image size is the run's.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .core import Batch, Check, ExportError, Run, Written, compare, install_hint
 from .zoo import _constants
@@ -42,6 +44,31 @@ def load(path=Path(__file__).with_name("model.onnx")):
 '''
 
 
+@contextmanager
+def _antialiased_resizes_as_constants() -> Iterator[None]:
+    """ONNX has no antialiased bicubic resize (timm resamples a ViT's position embeddings with one when it runs at
+    another size than its own): while tracing, such a resize is computed outside the trace and enters the graph as a
+    constant. That is right for the input size the graph is fixed to, when its input is a weight; were it an image
+    feature, the export would not reproduce the model and the verification refuses it."""
+    real = F.interpolate
+
+    def interpolate(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not kwargs.get("antialias") or not torch.jit.is_tracing():
+            return real(input, *args, **kwargs)
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return real(input, *args, **kwargs)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    F.interpolate = interpolate
+    try:
+        yield
+    finally:
+        F.interpolate = real
+
+
 class _Logits(torch.nn.Module):
     def __init__(self, net: Any) -> None:
         super().__init__()
@@ -60,7 +87,7 @@ def write_onnx(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> 
     path = out / "model.onnx"
     example = batch.pixels[:2]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _antialiased_resizes_as_constants():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 _Logits(ft.net).eval(), (example,), str(path), input_names=["pixel_values"], output_names=["logits"],

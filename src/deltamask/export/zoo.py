@@ -116,8 +116,11 @@ def write_timm(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> 
     # verify: as a user would, from the files alone
     from safetensors.torch import load_file
 
-    user = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-    user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    try:
+        user = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    except Exception as e:  # noqa: BLE001 - the zoo's own refusal, said in one line
+        raise ExportError(f"{call} does not load the exported state dict ({type(e).__name__}: {e}); use --format onnx or mask") from None
     user.eval()
     with torch.no_grad():
         got = user(batch.pixels).numpy()
@@ -167,8 +170,11 @@ def write_torchvision(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Pa
     )
     from safetensors.torch import load_file
 
-    user = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
-    user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    try:
+        user = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    except Exception as e:  # noqa: BLE001 - the zoo's own refusal, said in one line
+        raise ExportError(f"{call} does not load the exported state dict ({type(e).__name__}: {e}); use --format onnx or mask") from None
     user.eval()
     with torch.no_grad():
         got = user(batch.pixels).numpy()
@@ -258,7 +264,10 @@ def write_hf(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> Wr
         "image (PIL) and rounds to uint8 first; images already at the model's size are processed identically, others can differ by "
         "up to about 1/255 per pixel before normalisation. Grayscale images: deltamask repeats the channel; pass RGB images."
     )
-    user = transformers.AutoModelForImageClassification.from_pretrained(str(out))
+    try:
+        user = transformers.AutoModelForImageClassification.from_pretrained(str(out))
+    except Exception as e:  # noqa: BLE001 - transformers' own refusal, said in one line
+        raise ExportError(f"AutoModelForImageClassification does not load the export ({type(e).__name__}: {e}); use --format onnx or mask") from None
     user.eval()
     with torch.no_grad():
         got = user(pixel_values=batch.pixels).logits.numpy()
