@@ -105,7 +105,7 @@ def write_timm(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> 
     kw_src = "".join(f", {k}={v!r}" for k, v in kw.items())
     call = f"timm.create_model({name!r}, pretrained=False, num_classes={num_classes}{kw_src})"
     (out / "model.py").write_text(
-        f'"""Load this export with timm alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
+        '"""Load this export with timm alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
         "from pathlib import Path\n\nimport timm\nimport torch\nfrom safetensors.torch import load_file\n\n"
         + _constants(ft)
         + f"\n\ndef load(path=Path(__file__).with_name(\"model.safetensors\")):\n"
@@ -160,7 +160,7 @@ def write_torchvision(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Pa
     kw_src = "".join(f", {k}={v!r}" for k, v in kw.items())
     call = f"torchvision.models.get_model({name!r}, weights=None, num_classes={num_classes}{kw_src})"
     (out / "model.py").write_text(
-        f'"""Load this export with torchvision alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
+        '"""Load this export with torchvision alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
         "from pathlib import Path\n\nimport torch\nimport torchvision\nfrom safetensors.torch import load_file\n\n"
         + _constants(ft)
         + f"\n\ndef load(path=Path(__file__).with_name(\"model.safetensors\")):\n"
@@ -261,8 +261,10 @@ def write_hf(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> Wr
         f"The saved image processor does what deltamask did: resize to {size}x{size} (bilinear), scale by 1/255, normalise "
         f"with mean {tuple(round(float(v), 4) for v in ft.mean)} and std {tuple(round(float(v), 4) for v in ft.std)}. One difference: "
         "deltamask resizes the float image with torch's antialiased bilinear interpolation, the processor resizes the uint8 "
-        "image (PIL) and rounds to uint8 first; images already at the model's size are processed identically, others can differ by "
-        "up to about 1/255 per pixel before normalisation. Grayscale images: deltamask repeats the channel; pass RGB images."
+        "image and rounds to uint8 first; images already at the model's size are processed identically, others can differ by "
+        "up to 1/255 per pixel before normalisation (measured on Fashion-MNIST 28 -> 56 px: at most 1/255, 0.2/255 on average; "
+        "63 of 64 predictions the same), which can change a borderline prediction. Grayscale images: deltamask repeats the "
+        "channel; pass RGB images."
     )
     try:
         user = transformers.AutoModelForImageClassification.from_pretrained(str(out))
