@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[test,flower,hf,dinov2,tracking]"
+[ "${1:-}" = "--dev" ] && extras="[test,flower,hf,dinov2,tracking,export]"
 
 # Fashion-MNIST (the default data set) comes from Debian's dataset-fashion-mnist package.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -7,8 +7,9 @@ PY=${PYTHON:-python3}
 "$PY" -m pytest -q "$@"
 rc=$?
 [ $rc -ne 0 ] && exit $rc
-# every zoo architecture's 1-round run (tests/model/test_staging.py; the default set runs one per framework)
-"$PY" -m pytest -q -m slow -p no:cacheprovider tests/model/test_staging.py
+# every zoo architecture's 1-round run (tests/model/test_staging.py; the default set runs one per framework),
+# and every export format of every zoo family loaded back without deltamask, README's export example (tests/export/)
+"$PY" -m pytest -q -m slow -p no:cacheprovider tests/model/test_staging.py tests/export/
 rc=$?
 [ $rc -ne 0 ] && exit $rc
 "$PY" -m pytest -q -m "flower_deploy or (flower and slow)" -p no:cacheprovider

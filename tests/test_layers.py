@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods",),
     ("testing",),
     ("run",),
+    ("export",),
     ("engines",),
     ("app",),
 ]

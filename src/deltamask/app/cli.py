@@ -4,6 +4,7 @@
     deltamask config [--format table|toml|json]      every config key, its default and meaning
     deltamask report DIR                              redraw plots from DIR/metrics.jsonl
     deltamask predict --model DIR/model.safetensors IMAGE...
+    deltamask export DIR --format hf|timm|torchvision|onnx|mask [--out DIR] [--overwrite]
 
 User errors (bad keys, missing data or weights, corrupted state) print one line and exit 2;
 no traceback. ``main(argv)`` returns the exit code, so tests call it in-process.
@@ -32,8 +33,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..model.backbones import ModelError
     from ..run.state import StateError
+    from ..export.core import ExportError
 
-    return (ConfigError, DataError, ModelError, StateError, ArtifactError, CodecError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, StateError, ArtifactError, CodecError, ExportError, FileNotFoundError)
 
 
 def load_plugins(specs: list[str] | None) -> None:
@@ -136,6 +138,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ..export import export_run
+
+    load_plugins(args.plugin)
+    cmd = " ".join(["deltamask", *map(shlex.quote, args.argv)]) if args.argv else None
+    res = export_run(args.dir, args.format, args.out, overwrite=args.overwrite, command=cmd)
+    print(f"{res.format} export in {res.out}: {', '.join(res.files)}")
+    print(f"verified: logits match deltamask's model within rtol={res.rtol:g}, atol={res.atol:g} (max |diff| {res.max_abs_diff:.3g})")
+    for tracker, where in res.tracked.items():
+        print(f"logged to the run's {tracker}: {where}")
+    if res.format == "mask":
+        f = res.facts
+        print(f"mask: {f['mask_bytes']:,} B ({f['mask_bits_per_weight']:.4f} bits per masked weight, {f['num_masked']:,} weights; "
+              f"bit-packed {f['bitpacked_mask_bytes']:,} B); file {f['file_bytes']:,} B with the head")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltamask", description="Federated fine-tuning by communicating mask deltas (DeltaMask, FedPM).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of dropped clients)")
@@ -165,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--weights", default=None, help="override the backbone weights path stored in the artifact")
     pr.add_argument("images", nargs="+")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a finished run's model for transformers, timm, torchvision, ONNX, or as its coded mask")
+    ex.add_argument("dir", help="the run's output folder (holding model.safetensors)")
+    ex.add_argument("--format", required=True, choices=("hf", "timm", "torchvision", "onnx", "mask"),
+                    help="hf: transformers directory (ViT, DINOv2); timm / torchvision: state dict + constructor call; "
+                         "onnx: any family; mask: the entropy-coded mask + head, loaded with deltamask.export.load_mask_export")
+    ex.add_argument("--out", default=None, help="output folder (default: DIR/export-FORMAT)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    ex.add_argument("--plugin", action="append", metavar="FILE.py|MODULE", help="import a plug-in first (the run's model family)")
+    ex.set_defaults(func=cmd_export)
 
     for mod, fn in (
         (".cli_codec", "add_codec_parser"),
@@ -196,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

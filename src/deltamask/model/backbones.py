@@ -631,6 +631,7 @@ def _timm_model(name: str, weights: str, pretrained_online: bool, image_size: in
             raise ModelError(f"timm:{name}: could not load pretrained weights ({type(e).__name__}: {e}); offline? pass --set weights=PATH or weights=random") from None
     if weights:
         _load_strict(model, weights, f"timm:{name}")
+    model.deltamask_create_kwargs = dict(kw)  # the size kwargs it was built with (``deltamask export`` repeats them)
     cfg = timm.data.resolve_data_config({}, model=model)
     return model, tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1])
 
