@@ -8,6 +8,7 @@ descendants opened (the SuperLink starts its ``flower-superexec`` in a session o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -290,11 +291,26 @@ def run_config(out: Path, **extra: Any) -> dict[str, Any]:
 def test_two_supernodes_run_two_rounds(federation, tmp_path) -> None:
     fed = federation(["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2"])
     out = tmp_path / "out"
-    run_id = fed.submit(run_config(out))
+    tracked = importlib.util.find_spec("mlflow") is not None and importlib.util.find_spec("tensorboard") is not None
+    run_id = fed.submit(run_config(out, **({"tracking": "tensorboard,mlflow"} if tracked else {})))
     info = fed.wait(run_id, timeout=480)
     assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
     recs = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in recs] == [1, 2]
+    if tracked:  # issue 24: the ServerApp of a real deployment logs the run, read back with the trackers' own readers
+        from mlflow.tracking import MlflowClient
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        from deltamask.run.tracking import read_tracking
+
+        rec = read_tracking(out)["mlflow"]
+        client = MlflowClient(rec["tracking_uri"])
+        assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+        assert [(m.step, m.value) for m in client.get_metric_history(rec["run_id"], "accuracy")] == [(r["round"], r["accuracy"]) for r in recs]
+        assert "model.safetensors" in {a.path for a in client.list_artifacts(rec["run_id"])}
+        ea = EventAccumulator(str(out / "tensorboard"))
+        ea.Reload()
+        assert [e.step for e in ea.Scalars("accuracy")] == [1, 2]
     for r in recs:
         assert r["num_replies"] == 2 and r["failures"] == [] and r["accuracy"] is not None
         assert r["uplink_bits"] > 0 and r["flower_uplink_message_bytes"] > r["uplink_bits"] // 8
