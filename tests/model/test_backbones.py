@@ -135,3 +135,14 @@ def test_an_unknown_spec_lists_every_registered_form_and_a_clash_is_refused() ->
         register_model_family(ModelFamily("mytimm", "x", lambda *a: None, stage_timm, prefix="timm:"))  # type: ignore[arg-type,return-value]
     with pytest.raises(ValueError, match="clashes"):
         register_model_family(ModelFamily("mine", "x", lambda *a: None, stage_timm, names=("dinov2_small",)))  # type: ignore[arg-type,return-value]
+
+
+def test_masked_blocks_without_any_weight_matrix_is_a_clear_error() -> None:
+    """torchvision's mnasnet ends in two weightless units (a BatchNorm and a ReLU): masking only those used to
+    crash in MaskedNetwork with a bare ``min() arg is an empty sequence``."""
+    from deltamask.model.backbones import ModelError, load_model, select_masked
+
+    lm = load_model("torchvision:mnasnet0_5", "random", image_size=32)
+    with pytest.raises(ModelError, match="hold no weight matrix.*raise masked_blocks"):
+        select_masked(lm.backbone, 2)
+    assert select_masked(lm.backbone, 3)  # one more block reaches a conv kernel

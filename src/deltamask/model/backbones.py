@@ -906,4 +906,11 @@ def select_masked(
     if masked_blocks > len(blocks):
         raise ModelError(f"masked_blocks={masked_blocks} but the backbone has only {len(blocks)} blocks")
     chosen = set(blocks[-masked_blocks:])
-    return [n for n, p in named.items() if p.ndim >= 2 and stage_of.get(n) in chosen]
+    names = [n for n, p in named.items() if p.ndim >= 2 and stage_of.get(n) in chosen]
+    if not names:  # e.g. torchvision's mnasnet ends in a BatchNorm and a ReLU unit
+        raise ModelError(
+            f"the last {masked_blocks} blocks of this backbone hold no weight matrix or conv kernel (only norms, "
+            f"activations or biases, which are never masked); raise masked_blocks (it has {len(blocks)}) or select "
+            "weights with --set mask_pattern=REGEX"
+        )
+    return names
