@@ -183,7 +183,8 @@ def _other_value(cfg, key: str):  # type: ignore[no-untyped-def]
                "kappa_min": 0.5, "eps": 0.02, "theta0": 0.9, "trim_fraction": 0.1, "clients_per_round": 1,
                "min_replies": 2, "head_server_lr": {"train_head": True, "head_server_lr": 0.5}, "posterior_memory": 0.5, "max_flip_fraction": 0.5,
                "flip_outlier": 2.0, "clip_factor": 2.0, "downhill_drop": 0.05, "eden_bits": 0.25, "rotation_block": 256,
-               "qsgd_levels": 8, "cache_dir": "/nonexistent", "client_loss": "ce", "kappa_schedule": "cosine"}
+               "qsgd_levels": 8, "cache_dir": "/nonexistent", "client_loss": "ce", "kappa_schedule": "cosine",
+               "tracking": "tensorboard", "tracking_dir": "/nonexistent", "tracking_experiment": "suite"}
     if key in special:
         return special[key] if isinstance(special[key], dict) else {key: special[key]}
     f = FIELDS[key]
