@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,6 +84,46 @@ def preprocess(images):
 '''
 
 
+def _write_state_dict(lib: str, model: torch.nn.Module, build: Callable[[], torch.nn.Module], call: str, ft: Any,
+                      sd: dict[str, torch.Tensor], hw: torch.Tensor, hb: torch.Tensor, batch: Batch, want: np.ndarray,
+                      out: Path) -> Written:
+    """A timm / torchvision export: the backbone's state dict with the head as ``model``'s own classifier, a
+    ``model.py`` that rebuilds it with ``call``, then verified as a user would load it: ``build()`` (the same call)
+    and ``load_state_dict(strict=True)`` from the files alone."""
+    from safetensors.torch import load_file
+
+    wk, bk = _classifier_keys(model, sd, hw)
+    full = {**sd, wk: hw.reshape(model.state_dict()[wk].shape), bk: hb}
+    _save(full, out / "model.safetensors")
+    libs = sorted(["torch", lib])
+    (out / "model.py").write_text(
+        f'"""Load this export with {lib} alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
+        "from pathlib import Path\n\n" + "".join(f"import {m}\n" for m in libs) + "from safetensors.torch import load_file\n\n"
+        + _constants(ft)
+        + f"\n\ndef load(path=Path(__file__).with_name(\"model.safetensors\")):\n"
+        f"    model = {call}\n"
+        "    model.load_state_dict(load_file(str(path)), strict=True)\n"
+        "    return model.eval()\n" + _PREPROCESS
+    )
+    try:
+        user = build()
+        user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    except Exception as e:  # noqa: BLE001 - the zoo's own refusal, said in one line
+        raise ExportError(f"{call} does not load the exported state dict ({type(e).__name__}: {e}); use --format onnx or mask") from None
+    user.eval()
+    with torch.no_grad():
+        got = user(batch.pixels).numpy()
+    check = compare(got, want, Check(ZOO_RTOL, ZOO_ATOL, loaded_with=f"{call} + load_state_dict(strict=True)"), f"{lib} model")
+    snippet = (
+        f"import {', '.join(libs)}\nfrom safetensors.torch import load_file\n\n"
+        f"model = {call}\n"
+        'model.load_state_dict(load_file("model.safetensors"), strict=True)\n'
+        "model.eval()\n"
+        "logits = model(pixels)  # pixels: float32 [n, 3, H, W], preprocessed as model.py's preprocess() does\n"
+    )
+    return Written(["model.safetensors", "model.py"], snippet, check, facts={"constructor": call})
+
+
 # --- timm ------------------------------------------------------------------------------------------
 
 def write_timm(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> Written:
@@ -99,40 +139,10 @@ def write_timm(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Path) -> 
     hw, hb = _head(ft)
     num_classes = int(hw.shape[0])
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-    wk, bk = _classifier_keys(model, sd, hw)
-    full = {**sd, wk: hw.reshape(model.state_dict()[wk].shape), bk: hb}
-    _save(full, out / "model.safetensors")
     kw_src = "".join(f", {k}={v!r}" for k, v in kw.items())
     call = f"timm.create_model({name!r}, pretrained=False, num_classes={num_classes}{kw_src})"
-    (out / "model.py").write_text(
-        '"""Load this export with timm alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
-        "from pathlib import Path\n\nimport timm\nimport torch\nfrom safetensors.torch import load_file\n\n"
-        + _constants(ft)
-        + f"\n\ndef load(path=Path(__file__).with_name(\"model.safetensors\")):\n"
-        f"    model = {call}\n"
-        "    model.load_state_dict(load_file(str(path)), strict=True)\n"
-        "    return model.eval()\n" + _PREPROCESS
-    )
-    # verify: as a user would, from the files alone
-    from safetensors.torch import load_file
-
-    try:
-        user = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-        user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
-    except Exception as e:  # noqa: BLE001 - the zoo's own refusal, said in one line
-        raise ExportError(f"{call} does not load the exported state dict ({type(e).__name__}: {e}); use --format onnx or mask") from None
-    user.eval()
-    with torch.no_grad():
-        got = user(batch.pixels).numpy()
-    check = compare(got, want, Check(ZOO_RTOL, ZOO_ATOL, loaded_with=f"{call} + load_state_dict(strict=True)"), "timm model")
-    snippet = (
-        "import timm, torch\nfrom safetensors.torch import load_file\n\n"
-        f"model = {call}\n"
-        'model.load_state_dict(load_file("model.safetensors"), strict=True)\n'
-        "model.eval()\n"
-        "logits = model(pixels)  # pixels: float32 [n, 3, H, W], preprocessed as model.py's preprocess() does\n"
-    )
-    return Written(["model.safetensors", "model.py"], snippet, check, facts={"constructor": call})
+    return _write_state_dict("timm", model, lambda: timm.create_model(name, pretrained=False, num_classes=num_classes, **kw),
+                             call, ft, sd, hw, hb, batch, want, out)
 
 
 # --- torchvision -----------------------------------------------------------------------------------
@@ -154,39 +164,10 @@ def write_torchvision(run: Run, ft: Any, batch: Batch, want: np.ndarray, out: Pa
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     except TypeError as e:
         raise ExportError(f"torchvision:{name} takes no num_classes ({e}); use --format onnx or mask") from None
-    wk, bk = _classifier_keys(model, sd, hw)
-    full = {**sd, wk: hw.reshape(model.state_dict()[wk].shape), bk: hb}
-    _save(full, out / "model.safetensors")
     kw_src = "".join(f", {k}={v!r}" for k, v in kw.items())
     call = f"torchvision.models.get_model({name!r}, weights=None, num_classes={num_classes}{kw_src})"
-    (out / "model.py").write_text(
-        '"""Load this export with torchvision alone (written by `deltamask export`): `from model import load, preprocess`."""\n\n'
-        "from pathlib import Path\n\nimport torch\nimport torchvision\nfrom safetensors.torch import load_file\n\n"
-        + _constants(ft)
-        + f"\n\ndef load(path=Path(__file__).with_name(\"model.safetensors\")):\n"
-        f"    model = {call}\n"
-        "    model.load_state_dict(load_file(str(path)), strict=True)\n"
-        "    return model.eval()\n" + _PREPROCESS
-    )
-    from safetensors.torch import load_file
-
-    try:
-        user = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
-        user.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
-    except Exception as e:  # noqa: BLE001 - the zoo's own refusal, said in one line
-        raise ExportError(f"{call} does not load the exported state dict ({type(e).__name__}: {e}); use --format onnx or mask") from None
-    user.eval()
-    with torch.no_grad():
-        got = user(batch.pixels).numpy()
-    check = compare(got, want, Check(ZOO_RTOL, ZOO_ATOL, loaded_with=f"{call} + load_state_dict(strict=True)"), "torchvision model")
-    snippet = (
-        "import torch, torchvision\nfrom safetensors.torch import load_file\n\n"
-        f"model = {call}\n"
-        'model.load_state_dict(load_file("model.safetensors"), strict=True)\n'
-        "model.eval()\n"
-        "logits = model(pixels)  # pixels: float32 [n, 3, H, W], preprocessed as model.py's preprocess() does\n"
-    )
-    return Written(["model.safetensors", "model.py"], snippet, check, facts={"constructor": call})
+    return _write_state_dict("torchvision", model, lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw),
+                             call, ft, sd, hw, hb, batch, want, out)
 
 
 # --- transformers ----------------------------------------------------------------------------------
