@@ -159,9 +159,7 @@ def load_mask_export(path: str | Path, weights: str | None = None, device: str =
     the one the mask was trained over, is an :class:`ExportError`."""
     from safetensors import safe_open
 
-    from ..model.backbones import load_model
-    from ..model.masking import MaskedNetwork
-    from ..run.artifact import FineTunedModel
+    from ..run.artifact import FineTunedModel, rebuild_network
 
     p = Path(path)
     if p.is_dir():
@@ -179,13 +177,8 @@ def load_mask_export(path: str | Path, weights: str | None = None, device: str =
     if meta.get("mask_export_version") != MASK_EXPORT_VERSION:
         raise _damaged(p, f"format version {meta.get('mask_export_version')!r}, this deltamask reads {MASK_EXPORT_VERSION}")
     backbone_weights = weights if weights is not None else meta["weights"]
-    if backbone_weights == "random":  # a randomly initialised backbone is rebuilt from the run's seed
-        torch.manual_seed(int(meta.get("seed", 0)))
-    loaded = load_model(meta["model"], backbone_weights, pretrained_online=True, image_size=int(meta["image_size"]))
     w = tensors["head.weight"]
-    net = MaskedNetwork(loaded, w.shape[0], meta["masked_blocks"], meta["mask_pattern"])
-    if net.num_masked != meta["num_masked"]:
-        raise ExportError(f"backbone {meta['model']} masks {net.num_masked} weights here, the mask export {meta['num_masked']}: not the model it was trained on")
+    net = rebuild_network(meta, w.shape[0], weights, ExportError, "the mask export", ": not the model it was trained on")
     got = base_digest(net)
     if got != meta["base_sha256"]:
         raise ExportError(

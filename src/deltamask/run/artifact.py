@@ -95,9 +95,6 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
     """Rebuild the fine-tuned network from an artifact (the backbone is loaded from its spec)."""
     from safetensors import safe_open
 
-    from ..model.masking import MaskedNetwork
-    from ..model.backbones import load_model
-
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"model artifact {str(p)!r} does not exist (a finished run writes OUT/model.safetensors)")
@@ -116,14 +113,8 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
             f"model artifact {str(p)!r} is damaged or not a deltamask model ({type(e).__name__}: {e}); if the run's "
             f"state.safetensors is beside it, `deltamask run --resume {str(p.parent)}` writes the artifact again, else re-run"
         ) from None
-    backbone_weights = weights if weights is not None else meta["weights"]
-    if backbone_weights == "random":  # a randomly initialised backbone is rebuilt from the run's seed
-        torch.manual_seed(int(meta.get("seed", 0)))
-    loaded = load_model(meta["model"], backbone_weights, pretrained_online=True, image_size=int(meta["image_size"]))
     w = tensors["head.weight"]
-    net = MaskedNetwork(loaded, w.shape[0], meta["masked_blocks"], meta["mask_pattern"])
-    if net.num_masked != meta["num_masked"]:
-        raise ArtifactError(f"backbone {meta['model']} masks {net.num_masked} weights here, the artifact {meta['num_masked']}")
+    net = rebuild_network(meta, w.shape[0], weights, ArtifactError, "the artifact")
     with torch.no_grad():
         net.head.weight.copy_(torch.from_numpy(w))
         net.head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
@@ -134,3 +125,21 @@ def load_artifact(path: str | Path, device: str = "cpu", weights: str | None = N
     if "weights.delta" in tensors:
         net.use_weight_delta(torch.from_numpy(tensors["weights.delta"]).to(device))
     return FineTunedModel(net, mask, list(meta["classes"]), int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))  # type: ignore[arg-type]
+
+
+def rebuild_network(meta: dict[str, Any], num_classes: int, weights: str | None, error: type[Exception], what: str,
+                    why: str = "") -> Any:
+    """The ``MaskedNetwork`` a saved model's metadata names (spec, weights, image size, masked blocks / pattern), its
+    backbone loaded from the spec (``weights`` overrides the saved path; ``random`` is rebuilt from the run's seed);
+    ``error`` when it masks another number of weights than ``meta['num_masked']`` (``what`` names the file)."""
+    from ..model.backbones import load_model
+    from ..model.masking import MaskedNetwork
+
+    backbone_weights = weights if weights is not None else meta["weights"]
+    if backbone_weights == "random":  # a randomly initialised backbone is rebuilt from the run's seed
+        torch.manual_seed(int(meta.get("seed", 0)))
+    loaded = load_model(meta["model"], backbone_weights, pretrained_online=True, image_size=int(meta["image_size"]))
+    net = MaskedNetwork(loaded, num_classes, meta["masked_blocks"], meta["mask_pattern"])
+    if net.num_masked != meta["num_masked"]:
+        raise error(f"backbone {meta['model']} masks {net.num_masked} weights here, {what} {meta['num_masked']}{why}")
+    return net
