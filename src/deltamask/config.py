@@ -92,6 +92,7 @@ class Config:
     robust_mean: str = _f("mean", "coordinate-wise rule that combines heads and weight updates", ("mean", "median", "trimmed-mean"), effect="result")
     trim_fraction: float = _f(0.2, "trimmed-mean: fraction of the replies cut at each end, per coordinate (at least one each end)", effect="result")
     max_abs_param: float = _f(1e4, "a client's head or weight-update entry must be finite with |x| <= this, else the reply is rejected", effect="result")
+    root_samples: int = _f(0, "the server's root set (FLTrust, opt-in; needs labelled data on the server): this many training images outside every client's data. Each round with heads to combine the server trains the head on them from the same start, and weighs each client's head update by its cosine agreement with the server's update (0 where it points away), scaled to the server update's norm: a client training on flipped labels does not move the head. Replaces clip_factor and robust_mean for the head; 0 = off", methods=(*_MASK, "linear-probe"), effect="result")
     # --- local training ---
     local_epochs: int = _f(1, "local epochs per round (E)", effect="result")
     batch_size: int = _f(64, "local mini-batch size", effect="result")
@@ -317,6 +318,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.clip_factor == 0 or cfg.clip_factor >= 1.0, "clip_factor", "must be 0 (off) or >= 1 (a multiple of the round's median norm)")
     need(0.0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
     need(cfg.max_abs_param > 0, "max_abs_param", "must be > 0")
+    need(cfg.root_samples >= 0, "root_samples", "must be >= 0 (0 = no root set)")
+    need(cfg.root_samples == 0 or cfg.method in FIELDS["root_samples"].metadata["methods"], "root_samples",
+         f"weighs client heads: it applies to deltamask, fedpm and linear-probe, not to {cfg.method!r}'s weight updates")
+    need(cfg.root_samples == 0 or cfg.robust_mean == "mean", "root_samples",
+         f"and robust_mean={cfg.robust_mean!r} both choose how heads are combined: set one of them")
     trackers_of(cfg.tracking)  # raises naming the key
 
 

@@ -9,6 +9,7 @@ from .sources import (
     ImageDataset,
     ImageSource,
     load_dataset,
+    server_root,
     subsample,
     take,
 )
@@ -23,5 +24,6 @@ __all__ = [
     "load_dataset",
     "partition",
     "preprocess",
+    "server_root",
     "subsample",
 ]

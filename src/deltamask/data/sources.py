@@ -888,6 +888,28 @@ def _stratified_take(y: np.ndarray, k: int | None, rng: np.random.Generator) -> 
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def _subsample_index(ds: ImageDataset, train_samples: int | None, test_samples: int | None, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The train and test indices :func:`subsample` keeps (None: the whole split)."""
+    rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    return _stratified_take(ds.y_train, train_samples, rng_train), _stratified_take(ds.y_test, test_samples, rng_test)
+
+
+def server_root(ds: ImageDataset, train_samples: int | None, root_samples: int, seed: int) -> tuple[Any, np.ndarray]:
+    """The server's root set (FLTrust): ``root_samples`` labelled training images, class-proportional and
+    seeded, from the part of the train split that :func:`subsample` leaves out, so that no client holds
+    any of them. ``ds`` is the data set before :func:`subsample`. Returns (images, labels)."""
+    tr, _ = _subsample_index(ds, train_samples, None, seed)
+    rest = np.setdiff1d(np.arange(len(ds.y_train)), tr) if tr is not None else np.zeros(0, np.int64)
+    if root_samples > len(rest):
+        raise DataError(
+            f"root_samples={root_samples} needs that many training images outside the clients' data, but the train split "
+            f"holds {len(ds.y_train)} and train_samples={train_samples or 0} leaves {len(rest)}: lower root_samples or "
+            f"set train_samples to at most {len(ds.y_train) - root_samples}")
+    pick = _stratified_take(ds.y_train[rest], root_samples, np.random.default_rng([seed, 0xF17]))
+    idx = rest if pick is None else rest[pick]
+    return take(ds.x_train, idx), np.asarray(ds.y_train[idx])
+
+
 def subsample(
     ds: ImageDataset, train_samples: int | None, test_samples: int | None, seed: int
 ) -> ImageDataset:
@@ -896,9 +918,7 @@ def subsample(
     ``None``, 0 or a count >= the split size keeps that split whole.  Original order
     is kept among the chosen samples.
     """
-    rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    tr = _stratified_take(ds.y_train, train_samples, rng_train)
-    te = _stratified_take(ds.y_test, test_samples, rng_test)
+    tr, te = _subsample_index(ds, train_samples, test_samples, seed)
     return ImageDataset(
         ds.name,
         ds.x_train if tr is None else take(ds.x_train, tr),

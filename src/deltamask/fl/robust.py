@@ -14,7 +14,10 @@ it against what the server itself knows (issue 21):
   next delta (REFERENCE.md, robust aggregation);
 * :func:`combine` -- heads and weight updates: norm clipping to ``clip_factor`` times the round's median
   update norm, then the mean (FedAvg), the coordinate-wise median or the trimmed mean, the rules users know
-  from Flower (``FedMedian``, ``FedTrimmedAvg``, fixed / adaptive clipping) and NVFlare.
+  from Flower (``FedMedian``, ``FedTrimmedAvg``, fixed / adaptive clipping) and NVFlare;
+* :func:`trust_combine` -- heads, where the server holds a root set (``root_samples``): FLTrust's trust
+  scores against the server's own update on clean data, the defense against clients that train honestly on
+  poisoned labels (whose updates have honest norms, so clipping and coordinate-wise rules miss them).
 
 Where nothing is clipped or rejected the result is bit for bit the plain FedAvg of before: the clipping
 only rescales the updates it clips, and the mean is the same :func:`fedavg` call on the same arrays.
@@ -170,6 +173,48 @@ def combine(
     else:
         raise ValueError(f"unknown robust rule {rule!r}; valid: mean, median, trimmed-mean")
     return Combined(value, norms, scales, med)
+
+
+@dataclass
+class Trusted:
+    """:func:`trust_combine`'s result: the combined vector (None where no client earned any trust) and, per
+    client in input order, the cosine of its update to the server's, its trust score and update norm."""
+
+    value: np.ndarray | None
+    cosines: list[float]
+    trust: list[float]
+    norms: list[float]
+    root_norm: float
+
+
+def trust_combine(base: np.ndarray, items: list[np.ndarray], root: np.ndarray, weights: list[float] | None = None) -> Trusted:
+    """FLTrust (Cao et al., NDSS 2021) over the clients' vectors ``items`` (each the client's new value, its
+    update ``item - base``), against ``root``, the server's own new value from its root set.
+
+    Client i's trust is ``max(0, cos(g_i, g_0))`` with ``g_0 = root - base``; its update is rescaled to
+    ``|g_0|``; the result is ``base + sum_i w_i t_i g_i |g_0| / |g_i| / sum_i w_i t_i`` (``weights`` w_i: 1
+    each by default). A zero update earns no trust. Where no client earns any (all point away from the
+    server's update, or the server's update is zero) the value is None: the caller keeps ``base``."""
+    b = base.astype(np.float64).reshape(-1)
+    g0 = root.astype(np.float64).reshape(-1) - b
+    n0 = float(np.linalg.norm(g0))
+    w = [1.0] * len(items) if weights is None else [float(x) for x in weights]
+    acc = np.zeros_like(b)
+    total = 0.0
+    cosines, trust, norms = [], [], []
+    for it, wi in zip(items, w):
+        g = it.astype(np.float64).reshape(-1) - b
+        n = float(np.linalg.norm(g))
+        cos = float(g @ g0 / (n * n0)) if n > 0 and n0 > 0 else 0.0
+        t = max(0.0, cos)
+        cosines.append(cos)
+        trust.append(t)
+        norms.append(n)
+        if t > 0 and wi > 0:
+            acc += (wi * t * n0 / n) * g
+            total += wi * t
+    value = (b + acc / total).astype(np.float32).reshape(base.shape) if total > 0 else None
+    return Trusted(value, cosines, trust, norms, n0)
 
 
 def nonfinite_fields(arrays: Mapping[str, Any]) -> list[str]:

@@ -38,7 +38,7 @@ from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import Config, ConfigError, client_loss_of
-from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers
+from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers, trust_combine
 from ..fl.aggregation import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .downlink import ThetaSync, kl_floor_bits
 from .base import (
@@ -95,6 +95,11 @@ def reply_failure(client_id: int, what: str, e: BaseException) -> Failure:
 class _HeadRounds(Method):
     """Federated linear probing of the head on fixed features (FedAvg)."""
 
+    #: the server's root set (``root_samples``; FLTrust): labelled prefix outputs no client holds, set by the
+    #: round driver from the experiment. None: heads are combined by ``clip_factor`` / ``robust_mean``.
+    root: ClientData | None = None
+    _root_feats: tuple[Any, torch.Tensor] | None = None
+
     def feature_mask(self, theta: np.ndarray | None) -> torch.Tensor | None:
         return None
 
@@ -130,7 +135,32 @@ class _HeadRounds(Method):
             return None
         return label_log_prior(data.y, self.net.head.out_features)
 
-    def head_round_aggregate(self, state: ServerState, replies: list[Reply]) -> Aggregation:
+    def root_head(self, state: ServerState, round_: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The server's own head for this round (None without a root set): trained on the root set from the
+        current global head with the clients' recipe (``head_epochs``, ``head_lr``, ``batch_size``, the
+        client loss), on features under the deterministic mask ``[theta_g >= 0.5]`` (where the round
+        started), with a shuffle seeded by (seed, round, "root"): a resumed run trains the same head."""
+        root = self.root
+        if root is None:
+            return None
+        key = (state.theta_version, id(root))
+        if self._root_feats is None or self._root_feats[0] != key:
+            self._root_feats = (key, compute_features(self.net, root.h, self.feature_mask(state.theta)))
+        dev = self.net.scores.device
+        w, b, _ = train_head(
+            torch.from_numpy(state.head_weight).to(dev),
+            torch.from_numpy(state.head_bias).to(dev),
+            self._root_feats[1],
+            root.y,
+            epochs=self.cfg.head_epochs,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.head_lr,
+            shuffle_gen=seeding.generator(self.cfg.seed, round_, -1, "root"),
+            log_prior=self.log_prior(root),
+        )
+        return w.cpu().numpy(), b.cpu().numpy()
+
+    def head_round_aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         heads, weights, ids, dropped = [], [], [], []
         for r in replies:
             try:
@@ -143,7 +173,10 @@ class _HeadRounds(Method):
         if len(heads) < self.cfg.min_replies:
             agg.skipped = True
             return agg
-        agg.clients = self.combine_heads(state, heads, weights, ids)
+        agg.clients = self.combine_heads(state, heads, weights, ids, root=self.root_head(state, round_))
+        if all(c.get("distrusted") for c in agg.clients):  # no head earned the server's trust: it stays
+            agg.skipped = True
+            return agg
         state.head_version += 1
         return agg
 
@@ -155,14 +188,17 @@ class _HeadRounds(Method):
         return w, b
 
     def combine_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int],
-                      step: float = 1.0) -> list[dict[str, Any]]:
+                      step: float = 1.0, root: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
         """The new global head from the clients' heads: each client's weight and bias updates norm-clipped,
         each to ``clip_factor`` times the round's median of that tensor's update norms (a bias pushed hard
         is clipped against the other biases, not hidden in the weight matrix's larger norm), then combined by
         ``robust_mean``; with ``step`` < 1 the global head moves only that fraction of the way there (a server
-        step size). Returns the per-client record (update norms, the scales where clipped)."""
+        step size). With the server's own head ``root`` (a root set): FLTrust instead (:meth:`trust_heads`).
+        Returns the per-client record (update norms, the scales where clipped, the trust)."""
         cfg = self.cfg
         old_w, old_b = state.head_weight, state.head_bias
+        if root is not None:
+            return self.trust_heads(state, heads, weights, ids, step, root)
         ws, nw, sw = clip_to_median([h[0] for h in heads], state.head_weight, cfg.clip_factor)
         bs, nb, sb = clip_to_median([h[1] for h in heads], state.head_bias, cfg.clip_factor)
         if cfg.robust_mean == "mean":  # where nothing is clipped, exactly the plain FedAvg of the heads as sent
@@ -182,6 +218,37 @@ class _HeadRounds(Method):
                 for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb)]
 
 
+    def trust_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int],
+                    step: float, root: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
+        """FLTrust over the flattened heads (weight and bias as one vector) against the server's root-set
+        head (:func:`~deltamask.fl.robust.trust_combine`); a client whose update points away from the
+        server's gets weight 0 and the reason in its record. Where none is trusted the head stays."""
+        c, d = state.head_weight.shape
+        w0, b0 = state.head_weight.astype(np.float64), state.head_bias.astype(np.float64)
+
+        def centred(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+            """The head as base + its update less the update's mean over classes: adding one vector to every
+            class row (and one number to every bias) changes no softmax, so only the rest is compared."""
+            dw, db = w.astype(np.float64) - w0, b.astype(np.float64) - b0
+            dw -= dw.mean(axis=0, keepdims=True)
+            db -= db.mean()
+            return np.concatenate([(w0 + dw).reshape(-1), (b0 + db).reshape(-1)])
+
+        base = np.concatenate([w0.reshape(-1), b0.reshape(-1)])
+        tr = trust_combine(base, [centred(w, b) for w, b in heads], centred(*root), weights)
+        if tr.value is not None:
+            value = tr.value if step == 1.0 else (base + np.float32(step) * (tr.value - base)).astype(np.float32)
+            state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
+        out = []
+        for cid, cos, t, n in zip(ids, tr.cosines, tr.trust, tr.norms):
+            rec: dict[str, Any] = {"client": cid, "update_norm": n, "trust": t, "trust_cos": cos, "root_norm": tr.root_norm}
+            if t <= 0:
+                rec["distrusted"] = (f"head update at cosine {cos:.3f} to the server's root-set update (root_samples="
+                                     f"{self.cfg.root_samples}): weight 0")
+            out.append(rec)
+        return out
+
+
 class LinearProbe(_HeadRounds):
     name = "linear-probe"
     description = "FedAvg of a linear head on the frozen backbone (dense fp32 head both ways)"
@@ -193,7 +260,7 @@ class LinearProbe(_HeadRounds):
         return self.head_round_client(parts_by_kind(downlink), data, ctx, None, None)
 
     def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
-        return self.head_round_aggregate(state, replies)
+        return self.head_round_aggregate(state, replies, round_)
 
 
 class MaskMethod(_HeadRounds):
@@ -358,8 +425,10 @@ class MaskMethod(_HeadRounds):
     # --- server --------------------------------------------------------------------------------------
     def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         if self.is_head_round(round_):
-            return self.head_round_aggregate(state, replies)
+            return self.head_round_aggregate(state, replies, round_)
         self._agg_round = round_
+        # the server's own head on its root set, from the state the round started from (train_head only)
+        root = self.root_head(state, round_) if self.cfg.train_head else None
         # pass 1: decode and check every reply; nothing touches the state yet
         decoded: list[tuple[Reply, bytes, tuple[str, Any], dict[str, Any], Any]] = []
         dropped: list[Failure] = []
@@ -449,10 +518,12 @@ class MaskMethod(_HeadRounds):
         replayable = exact and not self.keeps_posterior and not self.cfg.weighted and isinstance(codec, ProbsCountsCodec)
         self.sync.register(state, accepted_parts if replayable else None, round_)
         if heads:
-            for rec in self.combine_heads(state, heads, head_w, head_ids, self.cfg.head_server_lr):
+            recs = self.combine_heads(state, heads, head_w, head_ids, self.cfg.head_server_lr, root=root)
+            for rec in recs:
                 stats = next(c for c in per_client if c["client"] == rec["client"])
                 stats.update({f"head_{k}" if k != "client" else k: v for k, v in rec.items()})
-            state.head_version += 1
+            if not all(r.get("distrusted") for r in recs):  # else no head earned the server's trust: it stays
+                state.head_version += 1
         return info
 
     def flip_cap(self, round_: int, lossy: bool = False) -> int | None:

@@ -189,7 +189,7 @@ class WeightMethod(_HeadRounds):
 
     def aggregate(self, state: ServerState, replies: list[Reply], round_: int) -> Aggregation:
         if self.is_head_round(round_):
-            return self.head_round_aggregate(state, replies)
+            return self.head_round_aggregate(state, replies, round_)
         ests, weights, good, per_client, dropped = [], [], [], [], []
         for r in replies:
             try:

@@ -102,6 +102,9 @@ class Experiment:
     image_size: int
     setup_seconds: float
     cache_where: str = "ram"  # where the prefix outputs live (prefix_cache.plan_cache): ram or disk
+    #: the server's root set (``root_samples``, FLTrust): labelled prefix outputs from training images no
+    #: client holds; built where the server is (``test=True``), None otherwise or when root_samples is 0
+    root: ClientData | None = None
 
     def client_data(self, cid: int) -> ClientData:
         """Client ``cid``'s rows: a copy of them for an in-RAM cache, a view (row indices, read per batch)
@@ -130,6 +133,7 @@ class Experiment:
             # image files the data set left out (unreadable, decompression bombs): how many, and the first few
             "data_skipped": len(getattr(self.dataset, "skipped", [])),
             "data_skipped_files": list(getattr(self.dataset, "skipped", []))[:10],
+            **({"root_samples": self.root.num_samples} if self.root is not None else {}),
         }
 
 
@@ -154,8 +158,11 @@ def build_experiment(
     device, loaded = _load_backbone(cfg, say)
     say(f"loading dataset {cfg.dataset}")
     # folder: / hf: images are streamed (decoded a prefix chunk at a time), never all held in RAM
-    ds = data_mod.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir or None, stream=True)
-    ds = data_mod.subsample(ds, cfg.train_samples or None, cfg.test_samples or None, cfg.seed)
+    full = data_mod.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir or None, stream=True)
+    ds = data_mod.subsample(full, cfg.train_samples or None, cfg.test_samples or None, cfg.seed)
+    # the server's root set: training images outside the clients' subset (refused before any work if too few)
+    root_xy = data_mod.server_root(full, cfg.train_samples or None, cfg.root_samples, cfg.seed) if cfg.root_samples and test else None
+    del full
     parts = data_mod.partition(ds.y_train, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed, cfg.min_partition_size)
     client_sizes = [int(len(p)) for p in parts]
     net = MaskedNetwork(loaded, ds.num_classes, cfg.masked_blocks, cfg.mask_pattern).to(device)
@@ -187,12 +194,18 @@ def build_experiment(
     else:
         test_h = torch.zeros((0, *row_shape), dtype=plan.dtype, device=device)
         test_y = torch.zeros(0, dtype=torch.int64)
+    root = None
+    if root_xy is not None:
+        say(f"caching the server's root set ({cfg.root_samples} images outside the clients' data)")
+        root_h = prefix_outputs(net, root_xy[0], size, loaded.mean, loaded.std, device)
+        root = ClientData(-1, root_h, torch.from_numpy(np.asarray(root_xy[1], dtype=np.int64)))
     method = create_method(cfg, net)
     return Experiment(
         cfg=cfg,
         device=device,
         net=net,
         method=method,
+        root=root,
         dataset=ds,
         partitions=parts,
         client_sizes=client_sizes,

@@ -387,12 +387,30 @@ def run_rounds(
         return _run_rounds(exp, transport, out, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress)
 
 
+def attach_root(exp: Experiment) -> None:
+    """Give the method the server's root set (``root_samples``), or take it away where the config has none
+    (an experiment reused with another config); a config that asks for one the experiment lacks is refused
+    before the run starts."""
+    cfg = exp.cfg
+    if not cfg.root_samples:
+        exp.method.root = None  # type: ignore[attr-defined]
+        return
+    if exp.root is None or exp.root.num_samples != cfg.root_samples:
+        have = 0 if exp.root is None else exp.root.num_samples
+        raise ConfigError(f"config key 'root_samples': {cfg.root_samples} asked for, the server's experiment holds a root set "
+                          f"of {have} images (build it with this config)")
+    if not hasattr(exp.method, "root"):
+        raise ConfigError(f"config key 'root_samples': method {cfg.method!r} combines no heads")
+    exp.method.root = exp.root  # type: ignore[attr-defined]
+
+
 def _run_rounds(exp: Experiment, transport: Transport, out: Path, *, resume: bool, overwrite: bool, stop_after: int | None,
                 progress: Progress | None) -> dict[str, Any]:
     started = time.time()
     cfg, method = exp.cfg, exp.method
     progress = progress or Progress(cfg.progress, cfg.rounds)
     require_tracking(cfg)  # a tracker's missing library is refused before the folder is touched
+    attach_root(exp)
     if resume:
         state, records = _resume(exp, transport, out)
         progress.say(f"resuming after round {state.round}")
