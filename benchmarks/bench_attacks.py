@@ -13,7 +13,8 @@ otherwise) and ``--malicious M`` of them (drawn from the seed, the same ids ever
 ``num_samples``, metrics) or its data (``label-flip``). Sybil partition claims are the Flower transport's
 (``tests/engines/flower``). Defenses: ``off`` (no cap, no outlier rule, no clipping, plain mean: the server before
 issue 21, less the envelope checks that are always on), ``default`` (the defaults), ``median``
-(``robust_mean=median``) and ``trimmed`` (``robust_mean=trimmed-mean``).
+(``robust_mean=median``), ``trimmed`` (``robust_mean=trimmed-mean``) and ``root`` (the opt-in server root set,
+``root_samples``: FLTrust's trust scores for the heads; ``--root-samples``, 100 by default).
 
 One in-process experiment per seed is built once (model, data, prefix cache) and reused by every run of
 that seed with a fresh method and the head as built, so runs differ only in the attack and the defense.
@@ -37,6 +38,7 @@ DEFENSES: dict[str, dict[str, object]] = {
     "clip3": {"clip_factor": 3.0},  # the default before the margins were measured on a second seed
     "median": {"robust_mean": "median"},
     "trimmed": {"robust_mean": "trimmed-mean"},
+    "root": {"root_samples": 100},  # FLTrust against a server root set (--root-samples)
 }
 
 
@@ -73,10 +75,12 @@ def run_one(exp, head0, cfg, attack: str, bad: list[int], seed: int) -> dict:  #
     accs = [r["accuracy"] for r in recs if r.get("accuracy") is not None]
     rejected = sorted({f["client"] for r in recs for f in r["failures"] if f["kind"] in ("rejected", "malformed")})
     clipped = sorted({c["client"] for r in recs for c in r.get("clients", []) if "clipped" in c or "head_clipped" in c})
+    distrusted = sorted({c["client"] for r in recs for c in r.get("clients", []) if "distrusted" in c or "head_distrusted" in c})
     finite = all(np.isfinite(a) for a in accs)
     return {
         "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
         "trajectory": accs, "status": status, "failure": failure, "rejected": rejected, "clipped": clipped,
+        "distrusted": distrusted,
         "round_seconds": statistics.median(r["seconds"] for r in recs) if recs else None, "wall": wall,
         "finite": finite, "malicious": bad,
     }
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", nargs="+", default=None, help="default: every attack that applies to deltamask")
     ap.add_argument("--malicious", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--defenses", nargs="+", default=["off", "default"], choices=list(DEFENSES))
+    ap.add_argument("--root-samples", type=int, default=100, help="the root defense's root_samples (server-held labelled images)")
     ap.add_argument("--table", action="store_true", help="only tabulate OUT/runs.jsonl")
     ap.add_argument("--margins", nargs="+", default=None, metavar="RUN_DIR",
                     help="only read honest runs' metrics.jsonl and print how far their clients stay from the bounds")
@@ -123,7 +128,9 @@ def run_grid(a: argparse.Namespace, log: Path) -> None:
         base = build_config({"clients_per_round": base.num_clients}, base=base)
     for seed in a.seeds:
         cfg0 = build_config({"seed": seed}, base=base)
-        exp = build_experiment(cfg0)
+        DEFENSES["root"] = {"root_samples": a.root_samples}
+        # the root set lies outside every client's data: the clients' tensors are the same with or without it
+        exp = build_experiment(build_config(DEFENSES["root"], base=cfg0) if "root" in a.defenses else cfg0)
         head0 = (exp.net.head.weight.detach().clone(), exp.net.head.bias.detach().clone())
         grid = [("none", 0, d) for d in a.defenses] + [(att, m, d) for att in attacks for m in a.malicious for d in a.defenses]
         for attack, m, defense in grid:
@@ -135,7 +142,7 @@ def run_grid(a: argparse.Namespace, log: Path) -> None:
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"seed {seed} {attack:15s} {m}/{cfg.num_clients} {defense:8s} acc {res['final_accuracy']} {res['status']} "
-                  f"rejected {res['rejected']} clipped {res['clipped']} {res['wall']:.0f}s", file=sys.stderr, flush=True)
+                  f"rejected {res['rejected']} clipped {res['clipped']} distrusted {res['distrusted']} {res['wall']:.0f}s", file=sys.stderr, flush=True)
         del exp
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 

@@ -82,11 +82,12 @@ def test_round_metrics_of_a_record() -> None:
     rec = {"round": 4, "accuracy": 0.5, "loss": 1.25, "train_loss": float("nan"), "uplink_bpp": 0.25, "downlink_bpp": 1.0,
            "uplink_bits": 800, "downlink_bits": 1600, "seconds": 2.0, "num_aggregated": 2, "skipped_update": False,
            "failures": [{"client": 1, "kind": "rejected"}, {"client": 2, "kind": "timeout"}, {"client": 3, "kind": "rejected"}],
-           "clients": [{"client": 0, "clipped": 0.5}, {"client": 4}], "sampled_accuracy": None}
+           "clients": [{"client": 0, "clipped": 0.5}, {"client": 4}, {"client": 5, "head_clipped": 0.2, "head_distrusted": "why"},
+                       {"client": 6, "distrusted": "why", "trust": 0.0}], "sampled_accuracy": None}
     assert round_metrics(rec) == {
         "accuracy": 0.5, "loss": 1.25, "uplink_bpp": 0.25, "downlink_bpp": 1.0, "total_bpp": 1.25, "seconds": 2.0,
         "num_aggregated": 2.0, "uplink_bytes": 100.0, "downlink_bytes": 200.0, "total_bytes": 300.0, "failures": 3.0,
-        "rejected": 2.0, "clipped": 1.0, "skipped_update": 0.0,
+        "rejected": 2.0, "clipped": 2.0, "distrusted": 2.0, "skipped_update": 0.0,
     }  # absent, None and non-finite values are left out
 
 

@@ -15,7 +15,8 @@ which works offline with no server.
 
 Per round (step = the round): ``accuracy``, ``loss``, ``sampled_accuracy``, ``train_loss``, ``uplink_bpp``,
 ``downlink_bpp``, ``total_bpp``, ``uplink_bytes``, ``downlink_bytes``, ``total_bytes``, ``seconds``,
-``num_aggregated``, ``failures``, ``rejected``, ``clipped``, ``skipped_update`` (:func:`round_metrics`). The
+``num_aggregated``, ``failures``, ``rejected``, ``clipped``, ``distrusted`` (heads given no trust against the server's
+root set, ``root_samples``), ``skipped_update`` (:func:`round_metrics`). The
 config: MLflow params; a TensorBoard text ``config``. At the end: ``accuracy.png`` / ``bpp.png``, ``summary.json``,
 ``config.json``, ``metrics.jsonl`` and ``model.safetensors`` as MLflow artifacts (status FINISHED, or FAILED for
 a failed run); TensorBoard gets the plots as images and a text saying where the model lies.
@@ -103,7 +104,9 @@ def round_metrics(rec: dict[str, Any]) -> dict[str, float]:
     failures = rec.get("failures") or []
     out["failures"] = float(len(failures))
     out["rejected"] = float(sum(1 for f in failures if f.get("kind") == "rejected"))
-    out["clipped"] = float(sum(1 for c in rec.get("clients") or [] if c.get("clipped") is not None))
+    clients = rec.get("clients") or []  # a mask round's jointly trained head: head_clipped, head_distrusted
+    out["clipped"] = float(sum(1 for c in clients if c.get("clipped") is not None or c.get("head_clipped") is not None))
+    out["distrusted"] = float(sum(1 for c in clients if c.get("distrusted") or c.get("head_distrusted")))
     out["skipped_update"] = float(bool(rec.get("skipped_update")))
     return out
 
