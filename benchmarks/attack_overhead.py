@@ -2,7 +2,7 @@
 
     python benchmarks/attack_overhead.py [REPS]     # REPS alternating pairs (default 3)
 """
-import json, statistics, sys, tempfile
+import json, statistics, sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_attacks import DEFENSES, run_one
 from deltamask.config import build_config, from_sources

@@ -244,6 +244,7 @@ LIMITS: dict[str, tuple[int, str]] = {
     "lora_rank": (4_096, "LoRA rank"),
     "eval_every": (100_000, "rounds between evaluations"),
     "cache_ram_mb": (1 << 30, "MiB of prefix cache"),
+    "root_samples": (100_000, "server-held root images (their prefix outputs stay in memory, float32)"),
 }
 
 
