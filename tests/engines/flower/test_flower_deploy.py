@@ -292,11 +292,14 @@ def test_two_supernodes_run_two_rounds(federation, tmp_path) -> None:
     fed = federation(["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2"])
     out = tmp_path / "out"
     tracked = importlib.util.find_spec("mlflow") is not None and importlib.util.find_spec("tensorboard") is not None
-    run_id = fed.submit(run_config(out, **({"tracking": "tensorboard,mlflow"} if tracked else {})))
+    # issue 21: with a root set, which the ServerApp draws from its own copy of the data set
+    run_id = fed.submit(run_config(out, **{"root-samples": 30}, **({"tracking": "tensorboard,mlflow"} if tracked else {})))
     info = fed.wait(run_id, timeout=480)
     assert info["status"] == "finished:completed", f"{info}\n{fed.logs()}"
     recs = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in recs] == [1, 2]
+    assert recs[0]["phase"] == "head" and sorted(c["client"] for c in recs[0]["clients"]) == [0, 1]
+    assert all(c["trust"] >= 0 and c["root_norm"] > 0 for c in recs[0]["clients"]), recs[0]["clients"]
     if tracked:  # issue 24: the ServerApp of a real deployment logs the run, read back with the trackers' own readers
         from mlflow.tracking import MlflowClient
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
