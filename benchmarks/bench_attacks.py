@@ -126,9 +126,9 @@ def run_grid(a: argparse.Namespace, log: Path) -> None:
     base = from_sources(a.preset, [*a.set, "progress=false"])
     if not any(s.startswith("clients_per_round") for s in a.set):
         base = build_config({"clients_per_round": base.num_clients}, base=base)
+    DEFENSES["root"] = {"root_samples": a.root_samples}
     for seed in a.seeds:
         cfg0 = build_config({"seed": seed}, base=base)
-        DEFENSES["root"] = {"root_samples": a.root_samples}
         # the root set lies outside every client's data: the clients' tensors are the same with or without it
         exp = build_experiment(build_config(DEFENSES["root"], base=cfg0) if "root" in a.defenses else cfg0)
         head0 = (exp.net.head.weight.detach().clone(), exp.net.head.bias.detach().clone())

@@ -30,6 +30,15 @@ def tiny_config(**overrides: object) -> Config:
     return build_config({**TINY, **overrides})
 
 
+def model_is_finite(out: Path) -> bool:
+    """Every float tensor of a run's ``model.safetensors`` is finite."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(out / "model.safetensors"))
+    return all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
+
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib")
 
 

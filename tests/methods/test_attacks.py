@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dmtest import tiny_config
+from dmtest import model_is_finite, tiny_config
 
 from deltamask.codecs import codec_of, get_codec
 from deltamask.engines.local import run_local
@@ -30,13 +30,6 @@ def run(cfg, tmp: Path, fault) -> tuple[dict, list[dict]]:  # noqa: ANN001
 
 def failures_of(recs: list[dict], client: int) -> list[dict]:
     return [f | {"round": r["round"]} for r in recs for f in r["failures"] if f["client"] == client]
-
-
-def model_is_finite(tmp: Path) -> bool:
-    from safetensors.numpy import load_file
-
-    arrays = load_file(str(tmp / "model.safetensors"))
-    return all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
 
 
 def attack(kind: str):  # noqa: ANN201

@@ -5,19 +5,19 @@ defense against clients that train honestly on flipped labels, whose updates hav
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from dmtest import tiny_config
+from dmtest import model_is_finite, tiny_config
 
 from deltamask.config import ConfigError, build_config
 from deltamask.data import DataError, ImageDataset, server_root, subsample
 from deltamask.data.sources import _subsample_index
 from deltamask.engines.local import run_local
 from deltamask.fl.robust import trust_combine
+from deltamask.run.metrics import read_jsonl
 from deltamask.testing.faults import Attack
 
 BAD = 1
@@ -127,20 +127,14 @@ def cfg4(**kw: object):  # noqa: ANN201
 
 
 def _records(tmp: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
-
-
-def _finite_model(tmp: Path) -> bool:
-    from safetensors.numpy import load_file
-
-    return all(np.isfinite(a).all() for a in load_file(str(tmp / "model.safetensors")).values() if a.dtype.kind == "f")
+    return read_jsonl(tmp / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("method", ["deltamask", "linear-probe"])
 def test_a_label_flipping_client_gets_no_trust_and_is_named(tmp_path: Path, method: str) -> None:
     cfg = cfg4(method=method, head_warmup_rounds=2 if method == "deltamask" else 0)
     s = run_local(cfg, tmp_path, fault=lambda rnd, cid: Attack("label-flip") if cid == BAD else None)
-    assert s["status"] == "completed" and _finite_model(tmp_path) and s["root_samples"] == 60
+    assert s["status"] == "completed" and model_is_finite(tmp_path) and s["root_samples"] == 60
     heads = [r for r in _records(tmp_path) if r["phase"] == "head"]
     assert heads
     for r in heads:
@@ -226,7 +220,7 @@ def test_a_config_asking_for_a_root_set_the_experiment_lacks_is_refused(tmp_path
 def test_a_jointly_trained_head_is_weighed_in_the_mask_rounds_too(tmp_path: Path) -> None:
     cfg = cfg4(rounds=3, head_warmup_rounds=1, train_head=True)
     s = run_local(cfg, tmp_path, fault=lambda rnd, cid: Attack("label-flip") if cid == BAD else None)
-    assert s["status"] == "completed" and _finite_model(tmp_path)
+    assert s["status"] == "completed" and model_is_finite(tmp_path)
     masks = [r for r in _records(tmp_path) if r["phase"] == "mask"]
     assert len(masks) == 2
     for r in masks:

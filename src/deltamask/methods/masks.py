@@ -198,32 +198,30 @@ class _HeadRounds(Method):
         cfg = self.cfg
         old_w, old_b = state.head_weight, state.head_bias
         if root is not None:
-            return self.trust_heads(state, heads, weights, ids, step, root)
-        ws, nw, sw = clip_to_median([h[0] for h in heads], state.head_weight, cfg.clip_factor)
-        bs, nb, sb = clip_to_median([h[1] for h in heads], state.head_bias, cfg.clip_factor)
-        if cfg.robust_mean == "mean":  # where nothing is clipped, exactly the plain FedAvg of the heads as sent
-            state.head_weight, state.head_bias = fedavg(ws, weights), fedavg(bs, weights)
+            recs = self.trust_heads(state, heads, weights, ids, root)
         else:
-            c, d = state.head_weight.shape
-            flat = [np.concatenate([w.reshape(-1), b.reshape(-1)]) for w, b in zip(ws, bs)]
-            base = np.concatenate([state.head_weight.reshape(-1), state.head_bias.reshape(-1)])
-            value = combine(base, flat, weights, cfg.robust_mean, cfg.trim_fraction, 0.0).value
-            state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
-        if step != 1.0:  # exactly the combined head at 1
+            ws, nw, sw = clip_to_median([h[0] for h in heads], state.head_weight, cfg.clip_factor)
+            bs, nb, sb = clip_to_median([h[1] for h in heads], state.head_bias, cfg.clip_factor)
+            if cfg.robust_mean == "mean":  # where nothing is clipped, exactly the plain FedAvg of the heads as sent
+                state.head_weight, state.head_bias = fedavg(ws, weights), fedavg(bs, weights)
+            else:
+                flat = [_flat_head(w, b) for w, b in zip(ws, bs)]
+                value = combine(_flat_head(state.head_weight, state.head_bias), flat, weights, cfg.robust_mean, cfg.trim_fraction, 0.0).value
+                state.head_weight, state.head_bias = _split_head(value, state.head_weight.shape)
+            recs = [{"client": cid, "update_norm": float(np.hypot(a, b_)), "weight_norm": a, "bias_norm": b_,
+                     **clip_fields([("weight update", a, x), ("bias update", b_, y)])}
+                    for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb)]
+        if step != 1.0:  # exactly the combined head at 1 (a head no client moved stays exactly)
             s32 = np.float32(step)
             state.head_weight = (old_w + s32 * (state.head_weight - old_w)).astype(np.float32)
             state.head_bias = (old_b + s32 * (state.head_bias - old_b)).astype(np.float32)
-        return [{"client": cid, "update_norm": float(np.hypot(a, b_)), "weight_norm": a, "bias_norm": b_,
-                 **clip_fields([("weight update", a, x), ("bias update", b_, y)])}
-                for cid, a, b_, x, y in zip(ids, nw, nb, sw, sb)]
-
+        return recs
 
     def trust_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int],
-                    step: float, root: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
+                    root: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
         """FLTrust over the flattened heads (weight and bias as one vector) against the server's root-set
         head (:func:`~deltamask.fl.robust.trust_combine`); a client whose update points away from the
         server's gets weight 0 and the reason in its record. Where none is trusted the head stays."""
-        c, d = state.head_weight.shape
         w0, b0 = state.head_weight.astype(np.float64), state.head_bias.astype(np.float64)
 
         def centred(w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -232,13 +230,11 @@ class _HeadRounds(Method):
             dw, db = w.astype(np.float64) - w0, b.astype(np.float64) - b0
             dw -= dw.mean(axis=0, keepdims=True)
             db -= db.mean()
-            return np.concatenate([(w0 + dw).reshape(-1), (b0 + db).reshape(-1)])
+            return _flat_head(w0 + dw, b0 + db)
 
-        base = np.concatenate([w0.reshape(-1), b0.reshape(-1)])
-        tr = trust_combine(base, [centred(w, b) for w, b in heads], centred(*root), weights)
+        tr = trust_combine(_flat_head(w0, b0), [centred(w, b) for w, b in heads], centred(*root), weights)
         if tr.value is not None:
-            value = tr.value if step == 1.0 else (base + np.float32(step) * (tr.value - base)).astype(np.float32)
-            state.head_weight, state.head_bias = value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
+            state.head_weight, state.head_bias = _split_head(tr.value, state.head_weight.shape)
         out = []
         for cid, cos, t, n in zip(ids, tr.cosines, tr.trust, tr.norms):
             rec: dict[str, Any] = {"client": cid, "update_norm": n, "trust": t, "trust_cos": cos, "root_norm": tr.root_norm}
@@ -247,6 +243,17 @@ class _HeadRounds(Method):
                                      f"{self.cfg.root_samples}): weight 0")
             out.append(rec)
         return out
+
+
+def _flat_head(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A head as one vector: the weight's rows, then the bias."""
+    return np.concatenate([w.reshape(-1), b.reshape(-1)])
+
+
+def _split_head(value: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_flat_head` undone: (weight of ``shape``, bias), each its own array."""
+    c, d = shape
+    return value[: c * d].reshape(c, d).copy(), value[c * d :].copy()
 
 
 class LinearProbe(_HeadRounds):
@@ -427,8 +434,6 @@ class MaskMethod(_HeadRounds):
         if self.is_head_round(round_):
             return self.head_round_aggregate(state, replies, round_)
         self._agg_round = round_
-        # the server's own head on its root set, from the state the round started from (train_head only)
-        root = self.root_head(state, round_) if self.cfg.train_head else None
         # pass 1: decode and check every reply; nothing touches the state yet
         decoded: list[tuple[Reply, bytes, tuple[str, Any], dict[str, Any], Any]] = []
         dropped: list[Failure] = []
@@ -493,6 +498,9 @@ class MaskMethod(_HeadRounds):
         if len(per_client) < self.cfg.min_replies:
             info.skipped = True
             return info
+        # the server's own head on its root set (train_head), from the state the round started from (still
+        # untouched here), and only where there are heads to weigh
+        root = self.root_head(state, round_) if heads else None
         exact = agg.counts_exact
         counts = agg.counts() if exact else None
         total = agg.total if exact else 0
