@@ -324,6 +324,9 @@ def _validate(cfg: Config) -> None:
          f"weighs client heads: it applies to deltamask, fedpm and linear-probe, not to {cfg.method!r}'s weight updates")
     need(cfg.root_samples == 0 or cfg.robust_mean == "mean", "root_samples",
          f"and robust_mean={cfg.robust_mean!r} both choose how heads are combined: set one of them")
+    need(cfg.root_samples == 0 or cfg.method == "linear-probe" or cfg.head_warmup_rounds > 0 or cfg.train_head, "root_samples",
+         "weighs client heads, but this run combines none: deltamask and fedpm combine heads in the head_warmup_rounds "
+         "(0 here) and, with train_head=true, in every mask round")
     trackers_of(cfg.tracking)  # raises naming the key
 
 

@@ -119,6 +119,12 @@ def test_root_samples_config_errors() -> None:
         build_config({"root_samples": 10, "method": "fedavg"})
     with pytest.raises(ConfigError, match="root_samples.*robust_mean='median'"):
         build_config({"root_samples": 10, "robust_mean": "median"})
+    # a root set where no heads are ever combined would be silently unused: refused
+    with pytest.raises(ConfigError, match="root_samples.*combines none.*head_warmup_rounds"):
+        build_config({"root_samples": 10, "head_warmup_rounds": 0})
+    assert build_config({"root_samples": 10, "head_warmup_rounds": 1}).root_samples == 10
+    assert build_config({"root_samples": 10, "head_warmup_rounds": 0, "train_head": True}).train_head
+    assert build_config({"root_samples": 10, "head_warmup_rounds": 0, "method": "linear-probe"}).root_samples == 10
 
 
 # --- through runs -----------------------------------------------------------------------------------------
