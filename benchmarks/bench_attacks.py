@@ -77,12 +77,15 @@ def run_one(exp, head0, cfg, attack: str, bad: list[int], seed: int) -> dict:  #
     clipped = sorted({c["client"] for r in recs for c in r.get("clients", []) if "clipped" in c or "head_clipped" in c})
     distrusted = sorted({c["client"] for r in recs for c in r.get("clients", []) if "distrusted" in c or "head_distrusted" in c})
     finite = all(np.isfinite(a) for a in accs)
+    # each head round's cohort_cos per client (the reported agreement with the round's median head update)
+    cohort = [{str(c["client"]): round(c.get("cohort_cos", c.get("head_cohort_cos")), 4) for c in r.get("clients", [])
+               if "cohort_cos" in c or "head_cohort_cos" in c} for r in recs]
     return {
         "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
         "trajectory": accs, "status": status, "failure": failure, "rejected": rejected, "clipped": clipped,
         "distrusted": distrusted,
         "round_seconds": statistics.median(r["seconds"] for r in recs) if recs else None, "wall": wall,
-        "finite": finite, "malicious": bad,
+        "finite": finite, "malicious": bad, "cohort_cos": [x for x in cohort if x],
     }
 
 

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from deltamask.fl.robust import Rejected, check_count, check_values, clip_scales, combine, fedavg, flip_outliers, nonfinite_fields, screen_reply
+from deltamask.fl.robust import (
+    Rejected, check_count, check_values, clip_scales, cohort_cosines, combine, fedavg, flip_outliers, nonfinite_fields, screen_reply,
+)
 
 
 def _slow_norm(v: np.ndarray) -> float:
@@ -128,3 +130,35 @@ def test_check_count_edges() -> None:
 def test_nonfinite_fields_names_the_arrays() -> None:
     assert nonfinite_fields({"a": np.ones(3), "b": None, "c": np.arange(3)}) == []
     assert nonfinite_fields({"a": np.array([1.0, np.nan]), "b": np.array([np.inf]), "c": np.ones(2)}) == ["a", "b"]
+
+
+def _slow_cohort(updates: list[np.ndarray]) -> list[float]:
+    cols = list(zip(*[[float(x) for x in u.ravel()] for u in updates]))
+    ref = [_slow_median(list(c)) for c in cols]
+    nr = math.sqrt(math.fsum(r * r for r in ref))
+    out = []
+    for u in updates:
+        g = [float(x) for x in u.ravel()]
+        n = math.sqrt(math.fsum(x * x for x in g))
+        out.append(math.fsum(a * b for a, b in zip(g, ref)) / (n * nr) if n and nr else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("k", [3, 4, 10])
+def test_cohort_cosines_match_a_slow_reference(k: int) -> None:
+    rng = np.random.default_rng(k)
+    common = rng.normal(size=(6, 5))
+    ups = [(common + rng.normal(scale=0.7, size=(6, 5))).astype(np.float32) for _ in range(k)]
+    ups[0] = -ups[0]  # one client pulls the other way: the lowest cosine, below 0
+    ups[-1] = np.zeros((6, 5), np.float32)  # no update: cosine 0
+    got = cohort_cosines(ups)
+    np.testing.assert_allclose(got, _slow_cohort(ups), rtol=1e-9, atol=1e-12)
+    assert got[-1] == 0.0
+    if k >= 4:  # a cohort of honest updates outvotes the one pulling the other way
+        assert got[0] < 0 < min(got[1:-1])
+
+
+def test_cohort_cosines_need_three_updates() -> None:
+    ups = [np.ones(4, np.float32), -np.ones(4, np.float32)]
+    assert cohort_cosines(ups) is None and cohort_cosines([]) is None
+    assert cohort_cosines([*ups, np.ones(4, np.float32)]) == pytest.approx([1.0, -1.0, 1.0])

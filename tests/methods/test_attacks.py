@@ -345,3 +345,19 @@ def test_an_honest_reply_at_the_kappa_bound_is_accepted_whatever_the_codec(codec
     assert not agg.dropped and agg.num_good == 3
     if codec.startswith("fuse"):
         assert max(c["flips"] for c in agg.clients) > keys  # false positives on top of the keys
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_a_label_flipper_is_the_odd_one_out_in_the_reported_cohort_cosine(tmp_path: Path, train_head: bool) -> None:
+    """Label flipping is honest in form (no bound sees it), but every round with heads reports each client's
+    ``cohort_cos``, its head update's agreement with the round's median update: the flipper's is the lowest,
+    so an operator finds it in metrics.jsonl without a root set (in mask rounds as ``head_cohort_cos``)."""
+    s, recs = run(cfg4(head_warmup_rounds=2, train_head=train_head), tmp_path, attack("label-flip"))
+    assert s["status"] == "completed"
+    key = {"head": "cohort_cos", "mask": "head_cohort_cos"}
+    rounds = [r for r in recs if r["phase"] == "head" or train_head]
+    assert len(rounds) == (3 if train_head else 2)
+    for r in rounds:
+        cos = {c["client"]: c[key[r["phase"]]] for c in r["clients"]}
+        assert sorted(cos) == [0, 1, 2, 3]
+        assert cos[BAD] < min(cos[c] for c in (0, 2, 3)), (r["round"], cos)

@@ -17,7 +17,10 @@ it against what the server itself knows (issue 21):
   from Flower (``FedMedian``, ``FedTrimmedAvg``, fixed / adaptive clipping) and NVFlare;
 * :func:`trust_combine` -- heads, where the server holds a root set (``root_samples``): FLTrust's trust
   scores against the server's own update on clean data, the defense against clients that train honestly on
-  poisoned labels (whose updates have honest norms, so clipping and coordinate-wise rules miss them).
+  poisoned labels (whose updates have honest norms, so clipping and coordinate-wise rules miss them);
+* :func:`cohort_cosines` -- heads, reported in every round with heads (no server data needed): each client's
+  agreement with the coordinate-wise median of the round's updates, so that an operator can see from
+  ``metrics.jsonl`` a client whose head points away from the cohort's, as a label flipper's does.
 
 Where nothing is clipped or rejected the result is bit for bit the plain FedAvg of before: the clipping
 only rescales the updates it clips, and the mean is the same :func:`fedavg` call on the same arrays.
@@ -215,6 +218,25 @@ def trust_combine(base: np.ndarray, items: list[np.ndarray], root: np.ndarray, w
             total += wi * t
     value = (b + acc / total).astype(np.float32).reshape(base.shape) if total > 0 else None
     return Trusted(value, cosines, trust, norms, n0)
+
+
+def cohort_cosines(updates: list[np.ndarray]) -> list[float] | None:
+    """Each update's cosine to the coordinate-wise median of all of them (the cohort's direction, which
+    fewer than half of the clients cannot move far). A zero vector (the update or the median) has cosine 0.
+    None with fewer than 3 updates, where a median says nothing about who is the odd one out."""
+    if len(updates) < 3:
+        return None
+    flat = [u.reshape(-1) for u in updates]
+    ref = np.empty(flat[0].size, np.float64)
+    for lo in range(0, ref.size, CHUNK):  # K x CHUNK float64 at a time, not K x P
+        ref[lo : lo + CHUNK] = np.median(np.stack([f[lo : lo + CHUNK].astype(np.float64) for f in flat]), axis=0)
+    nr = float(np.linalg.norm(ref))
+    out = []
+    for f in flat:
+        g = f.astype(np.float64)
+        n = float(np.linalg.norm(g))
+        out.append(float(g @ ref / (n * nr)) if n > 0 and nr > 0 else 0.0)
+    return out
 
 
 def nonfinite_fields(arrays: Mapping[str, Any]) -> list[str]:

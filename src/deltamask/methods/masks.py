@@ -38,7 +38,7 @@ from ..codecs.dense import ProbsCountsCodec, theta_from_counts
 from ..codecs.fuse import FuseCodec
 from ..codecs.rans import ProbsCountsRansCodec
 from ..config import Config, ConfigError, client_loss_of
-from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, combine, flip_outliers, trust_combine
+from ..fl.robust import Rejected, check_count, check_values, clip_fields, clip_to_median, cohort_cosines, combine, flip_outliers, trust_combine
 from ..fl.aggregation import MaskAggregator, ServerState, fedavg, init_state, posterior
 from .downlink import ThetaSync, kl_floor_bits
 from .base import (
@@ -194,9 +194,12 @@ class _HeadRounds(Method):
         is clipped against the other biases, not hidden in the weight matrix's larger norm), then combined by
         ``robust_mean``; with ``step`` < 1 the global head moves only that fraction of the way there (a server
         step size). With the server's own head ``root`` (a root set): FLTrust instead (:meth:`trust_heads`).
-        Returns the per-client record (update norms, the scales where clipped, the trust)."""
+        Returns the per-client record (update norms, the scales where clipped, the trust, and ``cohort_cos``:
+        the cosine of the client's update, less its mean over classes, to the round's coordinate-wise median
+        of those updates; reported only, it changes no result)."""
         cfg = self.cfg
         old_w, old_b = state.head_weight, state.head_bias
+        cohort = cohort_cosines([_centred_update(w, b, old_w, old_b) for w, b in heads])
         if root is not None:
             recs = self.trust_heads(state, heads, weights, ids, root)
         else:
@@ -215,6 +218,9 @@ class _HeadRounds(Method):
             s32 = np.float32(step)
             state.head_weight = (old_w + s32 * (state.head_weight - old_w)).astype(np.float32)
             state.head_bias = (old_b + s32 * (state.head_bias - old_b)).astype(np.float32)
+        if cohort is not None:
+            for rec, cos in zip(recs, cohort):
+                rec["cohort_cos"] = cos
         return recs
 
     def trust_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int],
@@ -222,17 +228,12 @@ class _HeadRounds(Method):
         """FLTrust over the flattened heads (weight and bias as one vector) against the server's root-set
         head (:func:`~deltamask.fl.robust.trust_combine`); a client whose update points away from the
         server's gets weight 0 and the reason in its record. Where none is trusted the head stays."""
-        w0, b0 = state.head_weight.astype(np.float64), state.head_bias.astype(np.float64)
+        base = _flat_head(state.head_weight, state.head_bias).astype(np.float64)
 
         def centred(w: np.ndarray, b: np.ndarray) -> np.ndarray:
-            """The head as base + its update less the update's mean over classes: adding one vector to every
-            class row (and one number to every bias) changes no softmax, so only the rest is compared."""
-            dw, db = w.astype(np.float64) - w0, b.astype(np.float64) - b0
-            dw -= dw.mean(axis=0, keepdims=True)
-            db -= db.mean()
-            return _flat_head(w0 + dw, b0 + db)
+            return base + _centred_update(w, b, state.head_weight, state.head_bias)
 
-        tr = trust_combine(_flat_head(w0, b0), [centred(w, b) for w, b in heads], centred(*root), weights)
+        tr = trust_combine(base, [centred(w, b) for w, b in heads], centred(*root), weights)
         if tr.value is not None:
             state.head_weight, state.head_bias = _split_head(tr.value, state.head_weight.shape)
         out = []
@@ -248,6 +249,17 @@ class _HeadRounds(Method):
 def _flat_head(w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A head as one vector: the weight's rows, then the bias."""
     return np.concatenate([w.reshape(-1), b.reshape(-1)])
+
+
+def _centred_update(w: np.ndarray, b: np.ndarray, w0: np.ndarray, b0: np.ndarray) -> np.ndarray:
+    """A head's update from (``w0``, ``b0``), flattened (float64), less its mean over classes: adding one
+    vector to every class row (and one number to every bias) changes no softmax, and Adam puts a large such
+    common part into every update from the same start, so only the rest says where a client pulls."""
+    dw = w.astype(np.float64) - w0.astype(np.float64)
+    db = b.astype(np.float64) - b0.astype(np.float64)
+    dw -= dw.mean(axis=0, keepdims=True)
+    db -= db.mean()
+    return _flat_head(dw, db)
 
 
 def _split_head(value: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
