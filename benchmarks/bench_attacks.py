@@ -10,8 +10,8 @@ robust options, the honest run side by side.
 Every client is selected every round (``clients_per_round = num_clients``, 10 unless ``--set`` says
 otherwise) and ``--malicious M`` of them (drawn from the seed, the same ids every round) run an attack of
 :data:`deltamask.testing.faults.ATTACKS`, injected exactly where a Flower ClientApp controls the reply (payload,
-``num_samples``, metrics) or its data (``label-flip``). Sybil partition claims are the Flower transport's
-(``tests/engines/flower``). Defenses: ``off`` (no cap, no outlier rule, no clipping, plain mean: the server before
+``num_samples``, metrics) or its data (``label-flip``). Sybil partition claims are the Flower transport's:
+``benchmarks/bench_sybil.py`` measures them (tests: ``tests/engines/flower/test_flower_identity.py``). Defenses: ``off`` (no cap, no outlier rule, no clipping, plain mean: the server before
 issue 21, less the envelope checks that are always on), ``default`` (the defaults), ``median``
 (``robust_mean=median``), ``trimmed`` (``robust_mean=trimmed-mean``) and ``root`` (the opt-in server root set,
 ``root_samples``: FLTrust's trust scores for the heads; ``--root-samples``, 100 by default).

@@ -65,7 +65,7 @@ def forge(kind: str, payload: bytes) -> bytes:
 
 
 # --- attacks (issue 21): hostile clients, for the attack tests and benchmarks/bench_attacks.py ------------
-#: every attack of the catalogue; ``sybil`` (partition claims) is the Flower transport's (tests/flower)
+#: every attack of the catalogue; ``sybil`` (partition claims) is the Flower transport's (benchmarks/bench_sybil.py)
 ATTACKS = (
     "all-flips",  # the index set names all N weights as flipped (73x an honest reply's bytes)
     "random-cap",  # random flips exactly at the cap (ceil(kappa * N) by default; max_flip_fraction)
