@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", nargs="+", default=None, help="default: every attack that applies to deltamask")
     ap.add_argument("--malicious", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--defenses", nargs="+", default=["off", "default"], choices=list(DEFENSES))
+    ap.add_argument("--no-honest", action="store_true",
+                    help="skip the honest runs (run them in a later call: rows already in runs.jsonl are skipped)")
     ap.add_argument("--root-samples", type=int, default=100, help="the root defense's root_samples (server-held labelled images)")
     ap.add_argument("--table", action="store_true", help="only tabulate OUT/runs.jsonl")
     ap.add_argument("--margins", nargs="+", default=None, metavar="RUN_DIR",
@@ -135,7 +137,8 @@ def run_grid(a: argparse.Namespace, log: Path) -> None:
         # the root set lies outside every client's data: the clients' tensors are the same with or without it
         exp = build_experiment(build_config(DEFENSES["root"], base=cfg0) if "root" in a.defenses else cfg0)
         head0 = (exp.net.head.weight.detach().clone(), exp.net.head.bias.detach().clone())
-        grid = [("none", 0, d) for d in a.defenses] + [(att, m, d) for att in attacks for m in a.malicious for d in a.defenses]
+        grid = [] if a.no_honest else [("none", 0, d) for d in a.defenses]
+        grid += [(att, m, d) for att in attacks for m in a.malicious for d in a.defenses]
         for attack, m, defense in grid:
             if (seed, attack, m, defense) in done:
                 continue
