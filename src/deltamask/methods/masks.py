@@ -199,9 +199,10 @@ class _HeadRounds(Method):
         of those updates; reported only, it changes no result)."""
         cfg = self.cfg
         old_w, old_b = state.head_weight, state.head_bias
-        cohort = cohort_cosines([_centred_update(w, b, old_w, old_b) for w, b in heads])
+        updates = [_centred_update(w, b, old_w, old_b) for w, b in heads]  # compared by the report and by the trust rule
+        cohort = cohort_cosines(updates)
         if root is not None:
-            recs = self.trust_heads(state, heads, weights, ids, root)
+            recs = self.trust_heads(state, updates, weights, ids, _centred_update(*root, old_w, old_b))
         else:
             ws, nw, sw = clip_to_median([h[0] for h in heads], state.head_weight, cfg.clip_factor)
             bs, nb, sb = clip_to_median([h[1] for h in heads], state.head_bias, cfg.clip_factor)
@@ -223,17 +224,14 @@ class _HeadRounds(Method):
                 rec["cohort_cos"] = cos
         return recs
 
-    def trust_heads(self, state: ServerState, heads: list[tuple[np.ndarray, np.ndarray]], weights: list[float], ids: list[int],
-                    root: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
-        """FLTrust over the flattened heads (weight and bias as one vector) against the server's root-set
-        head (:func:`~deltamask.fl.robust.trust_combine`); a client whose update points away from the
-        server's gets weight 0 and the reason in its record. Where none is trusted the head stays."""
+    def trust_heads(self, state: ServerState, updates: list[np.ndarray], weights: list[float], ids: list[int],
+                    root_update: np.ndarray) -> list[dict[str, Any]]:
+        """FLTrust over the clients' head updates (weight and bias as one vector, centred over classes by
+        :func:`_centred_update`) against the server's root-set head's update, the same way centred
+        (:func:`~deltamask.fl.robust.trust_combine`); a client whose update points away from the server's gets
+        weight 0 and the reason in its record. Where none is trusted the head stays."""
         base = _flat_head(state.head_weight, state.head_bias).astype(np.float64)
-
-        def centred(w: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return base + _centred_update(w, b, state.head_weight, state.head_bias)
-
-        tr = trust_combine(base, [centred(w, b) for w, b in heads], centred(*root), weights)
+        tr = trust_combine(base, [base + u for u in updates], base + root_update, weights)
         if tr.value is not None:
             state.head_weight, state.head_bias = _split_head(tr.value, state.head_weight.shape)
         out = []
