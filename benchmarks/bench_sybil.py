@@ -45,7 +45,7 @@ N = 10
 INVALID = [-1, N, 10**9, "1", 1.5, True]  # ids the run does not have
 
 
-def run_one(case: str, seed: int, bad: list[int], overrides: dict) -> dict:
+def run_one(case: str, seed: int, bad: list[int], base) -> dict:  # noqa: ANN001 - base: a deltamask Config
     from collections.abc import Iterable
 
     from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -57,11 +57,10 @@ def run_one(case: str, seed: int, bad: list[int], overrides: dict) -> dict:
     from deltamask.run.metrics import read_jsonl
 
     out = Path(tempfile.mkdtemp(prefix="dm-sybil-"))
-    rounds = int(overrides.get("rounds", QUICK["rounds"]))
-    defaults = {**QUICK, **overrides, "seed": seed, "num-clients": N, "clients-per-round": N, "out-dir": str(out / "run"),
-                "node-wait-timeout": 0, "progress": False}
-    honest_app = make_client_app(defaults)
-    rogue_app = make_client_app(defaults)  # the same code: a rogue runs a ClientApp, with a scripted garbage reply
+    rounds = base.rounds
+    defaults = {**base.to_dict(), "seed": seed, "num_clients": N, "clients_per_round": N, "progress": False,
+                "out-dir": str(out / "run"), "node-wait-timeout": 0}
+    client_app = make_client_app(defaults)  # an early rogue runs it too, with a scripted garbage reply (its node_config)
     late = {2000 + j: c for j, c in enumerate([*bad, *INVALID[: len(bad)]])} if case == "sybil-late" else {}
     early = {100 + j: c for j, c in enumerate(bad)} if case == "sybil-early" else {}
 
@@ -74,9 +73,7 @@ def run_one(case: str, seed: int, bad: list[int], overrides: dict) -> dict:
     def app(msg: Message, context: Context) -> Message:
         if context.node_id in late:
             return late_app(msg, context)
-        if context.node_id in early:
-            return rogue_app(msg, context)
-        return honest_app(msg, context)
+        return client_app(msg, context)
 
     class Grid(LoopbackGrid):
         trained = False
@@ -149,17 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     if not a.table:
-        overrides = {}
-        for kv in a.set:
-            k, _, v = kv.partition("=")
-            overrides[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+        from deltamask.config import build_config, parse_sets
+
+        base = build_config(parse_sets(a.set), base=build_config(QUICK), from_strings=True)  # a wrong key is refused
         done = {(r["seed"], r["case"], r["m"]) for r in map(json.loads, open(log))} if log.exists() else set()
         for seed in a.seeds:
             for case, m in [("honest", 0), *[(c, m) for m in a.malicious for c in ("sybil-late", "sybil-early")]]:
                 if (seed, case, m) in done:
                     continue
                 bad = malicious_ids(seed, N, m)
-                res = run_one(case, seed, bad, overrides)
+                res = run_one(case, seed, bad, base)
                 with open(log, "a") as f:
                     f.write(json.dumps({"seed": seed, "case": case, "m": m, "malicious": bad, **res}) + "\n")
                 print(f"seed {seed} {case:12s} {m}/{N} acc {res['final_accuracy']} {res['status']} refused {res['refused']} "
